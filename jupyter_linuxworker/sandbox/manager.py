@@ -1,0 +1,544 @@
+"""The job manager: submits jobs, tracks their supervisors, streams their output, stops them.
+
+Example (as root)::
+
+    import asyncio
+import builtins
+    from jupyter_linuxworker.sandbox import JobManager
+
+    async def main() -> None:
+        async with JobManager("/tmp/linuxworker-state") as manager:
+            job = await manager.submit({"command": "ls -lah /"})
+            async for chunk in manager.follow(job.id):
+                print(chunk.decode(errors="replace"), end="")
+            print((await manager.wait(job.id)).status)
+
+    asyncio.run(main())
+
+Every method runs on the caller's event loop and blocks it at most for a small file read or a
+SQLite write. The kernel (inotify, pidfds) wakes waiters; nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from . import jobdir, outputlog
+from .cgroups import CgroupError, CgroupLayout, JobCgroup
+from .images import DEFAULT_IMAGE_NAME, ImageError, ImageStore
+from .inotify import Inotify
+from .spec import JobSpec, SpecError
+from .store import DATABASE_NAME, JobRecord, JobStatus, JobStore
+from .volumes import resolve_volume
+
+DEFAULT_STATE_DIR: Final = "/var/lib/jupyter-linuxworker"
+STATE_DIR_ENV: Final = "JUPYTER_LINUXWORKER_STATE_DIR"
+DEFAULT_GRACE: Final = 5.0
+DEFAULT_DISK: Final = 1024**3
+STOP_WAIT_MARGIN: Final = 5.0
+FOLLOW_CHUNK: Final = 1024 * 1024
+MAX_ADOPTED_JOBS: Final = 100_000
+SUPERVISOR_PATH: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py")
+# The supervisor starts with these blocked, so a stop sent before its handlers exist waits.
+SUPERVISOR_BLOCKED_SIGNALS: Final = (signal.SIGUSR1, signal.SIGTERM)
+JOB_ID_PATTERN: Final = re.compile(r"^[0-9a-f]{32}$")
+
+log = logging.getLogger("jupyter_linuxworker.manager")
+
+
+class JobNotFound(KeyError):
+    """No job has this id (or the caller may not see it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "job not found"
+
+
+class JobConflict(Exception):
+    """The job is in a state that does not allow the request, such as deleting a running job."""
+
+
+def default_state_dir() -> str:
+    """Return $JUPYTER_LINUXWORKER_STATE_DIR, else /var/lib/jupyter-linuxworker."""
+    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+
+
+class JobManager:
+    """Run jobs from one state folder: records in SQLite, one folder per job, images beside them."""
+
+    def __init__(
+        self,
+        state_dir: str | None = None,
+        *,
+        volume_roots: list[str] | None = None,
+        grace: float = DEFAULT_GRACE,
+        disk: int = DEFAULT_DISK,
+        python: str = sys.executable,
+    ) -> None:
+        self.state_dir = os.path.abspath(state_dir or default_state_dir())
+        self.jobs_dir = os.path.join(self.state_dir, "jobs")
+        self.images = ImageStore(os.path.join(self.state_dir, "images"))
+        self.volume_roots = [
+            os.path.abspath(r)
+            for r in (volume_roots if volume_roots is not None else [os.getcwd()])
+        ]
+        self.grace = grace
+        self.disk = disk
+        self.python = python
+        self.cgroups = CgroupLayout.detect()
+        self._store: JobStore | None = None
+        self._inotify: Inotify | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watches: dict[str, int] = {}
+        self._watch_jobs: dict[int, str] = {}
+        self._listeners: dict[str, set[asyncio.Event]] = {}
+        self._supervisors: dict[str, int] = {}
+        self._spawned: set[int] = set()
+
+    # -- opening and closing ----------------------------------------------------------------
+
+    async def __aenter__(self) -> JobManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the state folder, build the default image if missing, adopt running jobs."""
+        self._loop = asyncio.get_running_loop()
+        for folder in (self.state_dir, self.jobs_dir):
+            os.makedirs(folder, mode=0o711, exist_ok=True)
+        if "," in self.state_dir or ":" in self.state_dir:
+            raise ValueError(
+                f"state folder {self.state_dir}: ',' and ':' cannot be used in overlay mount "
+                "options; choose another path"
+            )
+        self._store = JobStore(os.path.join(self.state_dir, DATABASE_NAME))
+        self.cgroups.ensure_parents()
+        try:
+            self.images.ensure_default(DEFAULT_IMAGE_NAME)
+        except ImageError as error:
+            log.warning("default image unavailable: %s", error)
+
+        self._inotify = Inotify()
+        self._loop.add_reader(self._inotify.fd, self._on_inotify)
+        self._adopt()
+
+    async def close(self) -> None:
+        """Stop tracking jobs; they keep running under their supervisors."""
+        if self._loop is not None:
+            for job_id in list(self._supervisors):
+                self._untrack(job_id)
+            if self._inotify is not None:
+                self._loop.remove_reader(self._inotify.fd)
+                self._inotify.close()
+                self._inotify = None
+        for events in self._listeners.values():
+            for event in events:
+                event.set()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @property
+    def store(self) -> JobStore:
+        """Return the open job store; raise if :meth:`start` has not run."""
+        if self._store is None:
+            raise RuntimeError("the job manager is not started: call 'await manager.start()' first")
+        return self._store
+
+    def _adopt(self) -> None:
+        active = self.store.list(
+            statuses=(JobStatus.PENDING, JobStatus.RUNNING), limit=MAX_ADOPTED_JOBS
+        )
+        for record in active:
+            refreshed = self._refresh(record)
+            if not refreshed.status.ended:
+                info = (
+                    jobdir.read_json(os.path.join(self._job_dir(record.id), jobdir.SUPERVISOR_FILE))
+                    or {}
+                )
+                self._track(record.id, int(info["pid"]), int(info["start_ticks"]))
+                log.info("job %s: adopted, supervisor pid %s", record.id, info["pid"])
+
+        # Cgroups left by a job of ours that is known to have ended, for example after a crash.
+        for job_id in self.cgroups.job_ids():
+            known = self.store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
+            if known is not None and known.status.ended:
+                log.info("job %s: removing the cgroup it left behind", job_id)
+                self._remove_cgroup(job_id)
+
+    # -- submitting -------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec | dict[str, Any], owner: str = "") -> JobRecord:
+        """Check ``spec``, store a PENDING record and start the job's supervisor."""
+        if not isinstance(spec, JobSpec):
+            spec = JobSpec.from_dict(spec)
+        try:
+            image_root = self.images.rootfs(spec.image)
+        except ImageError as error:
+            raise SpecError("image", spec.image, str(error)) from None
+        volumes = [resolve_volume(volume, self.volume_roots) for volume in spec.volumes]
+
+        job_id = uuid.uuid4().hex
+        job_dir = self._job_dir(job_id)
+        os.mkdir(job_dir, 0o700)
+        os.mkdir(os.path.join(job_dir, jobdir.STAGING_DIR), 0o700)
+        launch = {
+            "job_id": job_id,
+            "hostname": job_id[:12],
+            "argv": spec.argv,
+            "env": spec.environ,
+            "workdir": spec.workdir,
+            "image_root": image_root,
+            "staging": os.path.join(job_dir, jobdir.STAGING_DIR),
+            "volumes": volumes,
+            "disk": spec.limits.disk or self.disk,
+            "cgroup": self.cgroups.for_job(job_id).to_dict(),
+            "output_cap": spec.output_cap,
+            "timeout": spec.timeout,
+            "grace": self.grace,
+        }
+        jobdir.write_json(os.path.join(job_dir, jobdir.LAUNCH_FILE), launch)
+        record = self.store.insert(
+            JobRecord(
+                id=job_id,
+                name=spec.name,
+                owner=owner,
+                spec=spec.to_dict(),
+                status=JobStatus.PENDING,
+                created_at=time.time(),
+            )
+        )
+        try:
+            pid = self._spawn_supervisor(job_dir)
+        except OSError as error:
+            log.error("job %s: starting the supervisor failed: %s", job_id, error)
+            record = record.with_changes(
+                status=JobStatus.FAILED,
+                reason="supervisor-error",
+                ended_at=time.time(),
+                detail=f"starting the supervisor failed: {error}",
+            )
+            self.store.update(record)
+            return record
+
+        start_ticks = jobdir.process_start_ticks(pid)
+        jobdir.write_json(
+            os.path.join(job_dir, jobdir.SUPERVISOR_FILE), {"pid": pid, "start_ticks": start_ticks}
+        )
+        if start_ticks is not None:
+            self._track(job_id, pid, start_ticks)
+        log.info("job %s: submitted by %r, supervisor pid %s", job_id, owner, pid)
+        return record
+
+    def _spawn_supervisor(self, job_dir: str) -> int:
+        log_path = os.path.join(job_dir, jobdir.SUPERVISOR_LOG)
+        pid = os.posix_spawn(
+            self.python,
+            [self.python, "-I", "-S", SUPERVISOR_PATH, job_dir],
+            {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,
+            setsigmask=SUPERVISOR_BLOCKED_SIGNALS,
+        )
+        self._spawned.add(pid)
+        return pid
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _job_dir(self, job_id: str) -> str:
+        if not JOB_ID_PATTERN.match(job_id):
+            raise JobNotFound(f"job {job_id!r} not found: a job id is 32 hexadecimal digits")
+        return os.path.join(self.jobs_dir, job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        """Return the current record of ``job_id``; raise JobNotFound."""
+        self._job_dir(job_id)
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFound(f"job {job_id!r} not found")
+        return self._refresh(record)
+
+    def list(
+        self,
+        *,
+        statuses: tuple[JobStatus, ...] = (),
+        owner: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> list[JobRecord]:
+        """Return records newest first; see :meth:`JobStore.list`."""
+        records = self.store.list(
+            statuses=statuses, owner=owner, before_seq=before_seq, limit=limit
+        )
+        return [self._refresh(record) for record in records]
+
+    def read_output(self, job_id: str, offset: int = 0, size: int = -1) -> bytes:
+        """Return up to ``size`` bytes (all if negative) of the job's output log from ``offset``."""
+        self.get(job_id)
+        return outputlog.read_log(self._job_dir(job_id), offset, size)
+
+    def stderr_ranges(self, job_id: str) -> builtins.list[tuple[int, int, int]]:
+        """Return the (start, end, stream) ranges of the log that are not stdout."""
+        self.get(job_id)
+        return outputlog.read_ranges(self._job_dir(job_id))
+
+    async def follow(self, job_id: str, offset: int = 0) -> AsyncIterator[bytes]:
+        """Yield output from ``offset`` as it arrives, until the job has ended and all is read."""
+        async for _stream, data in self._follow(job_id, offset, streams=False):
+            yield data
+
+    async def follow_streams(
+        self, job_id: str, offset: int = 0
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """Like :meth:`follow`, yielding (stream, bytes) with stream STDOUT, STDERR or MARKER."""
+        async for piece in self._follow(job_id, offset, streams=True):
+            yield piece
+
+    async def _follow(
+        self, job_id: str, offset: int, streams: bool
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        self.get(job_id)
+        job_dir = self._job_dir(job_id)
+        ranges = outputlog.RangeReader(job_dir)
+        async with self._listening(job_id) as changed:
+            while True:
+                changed.clear()
+                data = outputlog.read_log(job_dir, offset, FOLLOW_CHUNK)
+                if not data:
+                    if not self.get(job_id).status.ended:
+                        await changed.wait()
+                        continue
+                    # The supervisor writes its final state after the last byte: read once more.
+                    data = outputlog.read_log(job_dir, offset, FOLLOW_CHUNK)
+                    if not data:
+                        return
+                if streams:
+                    for piece in outputlog.split_streams(data, offset, ranges.update()):
+                        yield piece
+                else:
+                    yield outputlog.STDOUT, data
+                offset += len(data)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        """Return the record once the job has ended; raise TimeoutError after ``timeout`` s."""
+        async with asyncio.timeout(timeout), self._listening(job_id) as changed:
+            while True:
+                changed.clear()
+                record = self.get(job_id)
+                if record.status.ended:
+                    return record
+                await changed.wait()
+
+    # -- stopping and deleting --------------------------------------------------------------
+
+    async def stop(self, job_id: str, grace: float | None = None, wait: bool = True) -> JobRecord:
+        """Send SIGTERM to the job, then SIGKILL to all of it after ``grace`` seconds.
+
+        Stopping an ended job changes nothing and is not an error. With ``wait``, return once
+        the job has ended.
+        """
+        record = self.get(job_id)
+        if record.status.ended:
+            return record
+        grace = self.grace if grace is None else grace
+        if grace < 0:
+            raise SpecError("grace", grace, "expected 0 or more seconds")
+        job_dir = self._job_dir(job_id)
+        jobdir.write_json(
+            os.path.join(job_dir, jobdir.STOP_FILE), {"grace": grace, "requested_at": time.time()}
+        )
+        if not self._signal_supervisor(job_id, signal.SIGUSR1):
+            log.warning("job %s: its supervisor is gone; killing the job", job_id)
+            self._remove_cgroup(job_id)
+        if not wait:
+            return self.get(job_id)
+        return await self.wait(job_id, timeout=grace + STOP_WAIT_MARGIN)
+
+    async def delete(self, job_id: str) -> None:
+        """Remove an ended job's record and folder; raise JobConflict while it runs."""
+        record = self.get(job_id)
+        if not record.status.ended:
+            raise JobConflict(f"job {job_id} is {record.status.value}: stop it before deleting it")
+        job_dir = self._job_dir(job_id)
+        await asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, job_dir, True)
+        self.store.delete(job_id)
+        log.info("job %s: deleted", job_id)
+
+    # -- supervisors ------------------------------------------------------------------------
+
+    def _supervisor_info(self, job_id: str) -> tuple[int, int] | None:
+        info = jobdir.read_json(os.path.join(self._job_dir(job_id), jobdir.SUPERVISOR_FILE))
+        if not info or info.get("start_ticks") is None:
+            return None
+        return int(info["pid"]), int(info["start_ticks"])
+
+    def _signal_supervisor(self, job_id: str, signum: int) -> bool:
+        info = self._supervisor_info(job_id)
+        if info is None:
+            return False
+        pid, start_ticks = info
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        try:
+            # Checked after the pidfd is open, so the pid cannot be reused in between.
+            if not jobdir.process_is(pid, start_ticks):
+                return False
+            signal.pidfd_send_signal(pidfd, signum)
+            return True
+        except ProcessLookupError:
+            return False
+        finally:
+            os.close(pidfd)
+
+    def _track(self, job_id: str, pid: int, start_ticks: int) -> None:
+        """Wake the job's listeners when its supervisor exits."""
+        if self._loop is None or job_id in self._supervisors:
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        if not jobdir.process_is(pid, start_ticks):
+            os.close(pidfd)
+            return
+        self._supervisors[job_id] = pidfd
+        self._loop.add_reader(pidfd, self._on_supervisor_exit, job_id, pid)
+
+    def _untrack(self, job_id: str) -> None:
+        pidfd = self._supervisors.pop(job_id, None)
+        if pidfd is not None and self._loop is not None:
+            self._loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+    def _on_supervisor_exit(self, job_id: str, pid: int) -> None:
+        self._untrack(job_id)
+        if pid in self._spawned:
+            self._spawned.discard(pid)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        with contextlib.suppress(JobNotFound):
+            self.get(job_id)
+        self._notify(job_id)
+
+    def _refresh(self, record: JobRecord) -> JobRecord:
+        """Bring an active record up to date with what its supervisor wrote, or mark it LOST."""
+        if record.status.ended:
+            return record
+        job_dir = self._job_dir(record.id)
+        state = jobdir.read_json(os.path.join(job_dir, jobdir.STATE_FILE))
+        if state is None or not JobStatus(state["status"]).ended:
+            alive = self._supervisor_alive(record.id)
+            if not alive:
+                # The supervisor may have written its final state just before it exited.
+                state = jobdir.read_json(os.path.join(job_dir, jobdir.STATE_FILE))
+            if not alive and (state is None or not JobStatus(state["status"]).ended):
+                return self._mark_lost(record)
+        if state is None:
+            return record
+
+        updated = record.with_changes(
+            status=JobStatus(state["status"]),
+            started_at=state.get("started_at"),
+            ended_at=state.get("ended_at"),
+            exit_code=state.get("exit_code"),
+            signal=state.get("signal"),
+            reason=state.get("reason"),
+            detail=state.get("detail"),
+            output_size=state.get("output_size", record.output_size),
+            output_truncated=bool(state.get("output_truncated", False)),
+        )
+        if updated != record:
+            self.store.update(updated)
+            if updated.status.ended:
+                log.info(
+                    "job %s: %s (%s)",
+                    record.id,
+                    updated.status.value,
+                    updated.detail or "exit code 0",
+                )
+                self._untrack(record.id)
+        return updated
+
+    def _supervisor_alive(self, job_id: str) -> bool:
+        info = self._supervisor_info(job_id)
+        return info is not None and jobdir.process_is(*info)
+
+    def _mark_lost(self, record: JobRecord) -> JobRecord:
+        log.warning(
+            "job %s: its supervisor ended without recording an end; marking it LOST", record.id
+        )
+        self._remove_cgroup(record.id)
+        lost = record.with_changes(
+            status=JobStatus.LOST,
+            reason="lost",
+            ended_at=time.time(),
+            detail="the job's supervisor ended without recording how the job ended; "
+            "every process of the job was killed",
+            output_size=outputlog.log_size(self._job_dir(record.id)),
+        )
+        self.store.update(lost)
+        self._untrack(record.id)
+        return lost
+
+    def _remove_cgroup(self, job_id: str) -> None:
+        cgroup: JobCgroup = self.cgroups.for_job(job_id)
+        try:
+            cgroup.remove()
+        except CgroupError as error:
+            log.error("job %s: %s", job_id, error)
+
+    # -- wake-ups ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _listening(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """Yield an event set whenever the job's folder changes or its supervisor exits."""
+        job_dir = self._job_dir(job_id)
+        event = asyncio.Event()
+        listeners = self._listeners.setdefault(job_id, set())
+        listeners.add(event)
+        if job_id not in self._watches and self._inotify is not None:
+            new_wd = self._inotify.add_watch(job_dir)
+            self._watches[job_id] = new_wd
+            self._watch_jobs[new_wd] = job_id
+        try:
+            yield event
+        finally:
+            listeners.discard(event)
+            if not listeners:
+                del self._listeners[job_id]
+                wd = self._watches.pop(job_id, None)
+                if wd is not None and self._inotify is not None:
+                    self._watch_jobs.pop(wd, None)
+                    self._inotify.remove_watch(wd)
+
+    def _on_inotify(self) -> None:
+        if self._inotify is None:
+            return
+        for wd, _mask in self._inotify.read_events():
+            job_id = self._watch_jobs.get(wd)
+            if job_id is not None:
+                self._notify(job_id)
+
+    def _notify(self, job_id: str) -> None:
+        for event in self._listeners.get(job_id, ()):
+            event.set()

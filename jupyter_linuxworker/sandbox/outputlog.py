@@ -1,0 +1,176 @@
+"""A job's output log: raw bytes in arrival order, plus a side file of stderr and marker ranges.
+
+The supervisor is the only writer. A range record is written before the bytes it covers, so a
+reader that sees a byte also sees which stream it came from.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Iterator
+from typing import Final
+
+LOG_NAME: Final = "output.log"
+RANGES_NAME: Final = "output.ranges"
+STDOUT: Final = 0
+STDERR: Final = 1
+MARKER: Final = 2
+STREAM_NAMES: Final = {STDOUT: "stdout", STDERR: "stderr", MARKER: "marker"}
+RANGE_RECORD: Final = struct.Struct("<QQB")
+PIPE_CHUNK: Final = 1024 * 1024
+TRUNCATION_MARKER: Final = (
+    "[jupyter-linuxworker: output truncated at {cap} bytes, the job's output cap; "
+    "later output was dropped]\n"
+)
+
+
+def truncation_marker(cap: int, after_newline: bool) -> bytes:
+    """Return the marker appended to a log that reached its cap of ``cap`` bytes."""
+    text = TRUNCATION_MARKER.format(cap=cap)
+    return (text if after_newline else "\n" + text).encode()
+
+
+class OutputWriter:
+    """Append a job's stdout and stderr to its log until the cap, then drop and mark."""
+
+    def __init__(self, job_dir: str, cap: int) -> None:
+        flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        # Read access too: the truncation marker depends on the last byte written.
+        self._log = os.open(os.path.join(job_dir, LOG_NAME), flags | os.O_RDWR, 0o640)
+        self._ranges = os.open(
+            os.path.join(job_dir, RANGES_NAME), flags | os.O_WRONLY | os.O_APPEND, 0o640
+        )
+        self.cap = cap
+        self.size = 0
+        self.truncated = False
+
+    def pump(self, fd: int, stream: int) -> bool:
+        """Move what ``fd`` holds into the log; return False at end of file."""
+        if self.truncated:
+            return bool(os.read(fd, PIPE_CHUNK))
+        count = min(PIPE_CHUNK, self.cap - self.size)
+        moved = self._splice(fd, count) if stream == STDOUT else -1
+        if moved < 0:
+            data = os.read(fd, count)
+            self._append(data, stream)
+            moved = len(data)
+        if moved == 0:
+            return False
+        if self.size >= self.cap:
+            self._truncate()
+        return True
+
+    def _splice(self, fd: int, count: int) -> int:
+        """Move up to ``count`` bytes from pipe ``fd`` without copying; -1 if splice fails."""
+        try:
+            moved = os.splice(fd, self._log, count, offset_dst=self.size)
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            return -1
+        self.size += moved
+        return moved
+
+    def _append(self, data: bytes, stream: int) -> None:
+        if not data:
+            return
+        if stream != STDOUT:
+            os.write(self._ranges, RANGE_RECORD.pack(self.size, self.size + len(data), stream))
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._log, data[written:], self.size + written)
+        self.size += len(data)
+
+    def _truncate(self) -> None:
+        last_byte = os.pread(self._log, 1, self.size - 1)
+        self.truncated = True
+        self._append(truncation_marker(self.cap, last_byte == b"\n"), MARKER)
+
+    def close(self) -> None:
+        """Flush the log to disk and close it."""
+        os.fsync(self._log)
+        os.close(self._log)
+        os.close(self._ranges)
+
+
+def read_ranges(job_dir: str) -> list[tuple[int, int, int]]:
+    """Return the (start, end, stream) ranges of non-stdout bytes, merged where they touch."""
+    return RangeReader(job_dir).update()
+
+
+class RangeReader:
+    """Read a job's range file incrementally, keeping the merged ranges seen so far."""
+
+    def __init__(self, job_dir: str) -> None:
+        self._path = os.path.join(job_dir, RANGES_NAME)
+        self._offset = 0
+        self.ranges: list[tuple[int, int, int]] = []
+
+    def update(self) -> list[tuple[int, int, int]]:
+        """Read the records added since the last call; return all ranges."""
+        try:
+            with open(self._path, "rb") as file:
+                file.seek(self._offset)
+                data = file.read()
+        except FileNotFoundError:
+            return self.ranges
+        usable = len(data) - len(data) % RANGE_RECORD.size
+        self._offset += usable
+        for start, end, stream in RANGE_RECORD.iter_unpack(data[:usable]):
+            if self.ranges and self.ranges[-1][1] == start and self.ranges[-1][2] == stream:
+                self.ranges[-1] = (self.ranges[-1][0], end, stream)
+            else:
+                self.ranges.append((start, end, stream))
+        return self.ranges
+
+
+def split_streams(
+    data: bytes, offset: int, ranges: list[tuple[int, int, int]]
+) -> Iterator[tuple[int, bytes]]:
+    """Split ``data``, which starts at byte ``offset`` of the log, into (stream, bytes) pieces."""
+    position = offset
+    end = offset + len(data)
+    for start, stop, stream in ranges:
+        if stop <= position or start >= end:
+            continue
+        if start > position:
+            yield STDOUT, data[position - offset : start - offset]
+            position = start
+        piece_end = min(stop, end)
+        yield stream, data[position - offset : piece_end - offset]
+        position = piece_end
+    if position < end:
+        yield STDOUT, data[position - offset :]
+
+
+def read_log(job_dir: str, offset: int = 0, size: int = -1) -> bytes:
+    """Return up to ``size`` bytes (all, if negative) of the log from ``offset``."""
+    path = os.path.join(job_dir, LOG_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b""
+    try:
+        if size < 0:
+            size = max(0, os.fstat(fd).st_size - offset)
+        chunks = []
+        while size > 0:
+            chunk = os.pread(fd, min(size, PIPE_CHUNK * 4), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def log_size(job_dir: str) -> int:
+    """Return the current size of the log in bytes (0 before it exists)."""
+    try:
+        return os.stat(os.path.join(job_dir, LOG_NAME)).st_size
+    except FileNotFoundError:
+        return 0

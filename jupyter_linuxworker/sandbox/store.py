@@ -1,0 +1,237 @@
+"""Job records in SQLite. The manager is the only writer."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Final
+
+DATABASE_NAME: Final = "jobs.sqlite"
+SCHEMA_VERSION: Final = 1
+DEFAULT_PAGE_SIZE: Final = 50
+MAX_PAGE_SIZE: Final = 1000
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    exit_code INTEGER,
+    signal INTEGER,
+    reason TEXT,
+    detail TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    output_size INTEGER NOT NULL DEFAULT 0,
+    output_truncated INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner);
+"""
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    LOST = "LOST"
+
+    @property
+    def ended(self) -> bool:
+        """Whether the job can no longer change."""
+        return self not in (JobStatus.PENDING, JobStatus.RUNNING)
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return (
+        datetime.fromtimestamp(timestamp, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What is known about one job."""
+
+    id: str
+    name: str
+    owner: str
+    spec: dict[str, Any]
+    status: JobStatus
+    created_at: float
+    seq: int = 0
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str | None = None
+    detail: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    output_size: int = 0
+    output_truncated: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def short_id(self) -> str:
+        """Return the first 12 characters of the id, also the job's hostname."""
+        return self.id[:12]
+
+    @property
+    def command(self) -> str | list[str]:
+        """Return the command as submitted: a shell string or an argv list."""
+        command: str | list[str] = self.spec["command"]
+        return command
+
+    def with_changes(self, **changes: Any) -> JobRecord:
+        """Return a copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form used by the REST API and ``--json`` output."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "command": self.command,
+            "image": self.spec.get("image"),
+            "status": self.status.value,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "reason": self.reason,
+            "detail": self.detail,
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "ended_at": _iso(self.ended_at),
+            "output_size": self.output_size,
+            "output_truncated": self.output_truncated,
+            "spec": self.spec,
+        }
+
+
+_COLUMNS: Final = (
+    "seq",
+    "id",
+    "name",
+    "owner",
+    "spec",
+    "status",
+    "exit_code",
+    "signal",
+    "reason",
+    "detail",
+    "created_at",
+    "started_at",
+    "ended_at",
+    "output_size",
+    "output_truncated",
+)
+
+
+def _record_from_row(row: tuple[Any, ...]) -> JobRecord:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    values["spec"] = json.loads(values["spec"])
+    values["status"] = JobStatus(values["status"])
+    values["output_truncated"] = bool(values["output_truncated"])
+    return JobRecord(**values)
+
+
+class JobStore:
+    """Read and write job records in one SQLite file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def insert(self, record: JobRecord) -> JobRecord:
+        """Store a new record; return it with its sequence number."""
+        cursor = self._db.execute(
+            "INSERT INTO jobs (id, name, owner, spec, status, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.name,
+                record.owner,
+                json.dumps(record.spec),
+                record.status.value,
+                record.created_at,
+            ),
+        )
+        return record.with_changes(seq=cursor.lastrowid or 0)
+
+    def update(self, record: JobRecord) -> None:
+        """Write the changing fields of ``record``."""
+        self._db.execute(
+            "UPDATE jobs SET status=?, exit_code=?, signal=?, reason=?, detail=?, started_at=?, "
+            "ended_at=?, output_size=?, output_truncated=? WHERE id=?",
+            (
+                record.status.value,
+                record.exit_code,
+                record.signal,
+                record.reason,
+                record.detail,
+                record.started_at,
+                record.ended_at,
+                record.output_size,
+                int(record.output_truncated),
+                record.id,
+            ),
+        )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """Return the record of ``job_id``, or None."""
+        row = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        return _record_from_row(row) if row else None
+
+    def list(
+        self,
+        *,
+        statuses: tuple[JobStatus, ...] = (),
+        owner: str | None = None,
+        before_seq: int | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+    ) -> list[JobRecord]:
+        """Return records newest first, filtered by status and owner, older than ``before_seq``."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if statuses:
+            clauses.append(f"status IN ({', '.join('?' for _ in statuses)})")
+            params.extend(status.value for status in statuses)
+        if owner is not None:
+            clauses.append("owner=?")
+            params.append(owner)
+        if before_seq is not None:
+            clauses.append("seq<?")
+            params.append(before_seq)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(max(1, min(limit, MAX_PAGE_SIZE)))
+        rows = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} ORDER BY seq DESC LIMIT ?", params
+        ).fetchall()
+        return [_record_from_row(row) for row in rows]
+
+    def delete(self, job_id: str) -> None:
+        """Remove the record of ``job_id``."""
+        self._db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
