@@ -1,0 +1,161 @@
+"""The output log: raw bytes, stream ranges, live followers, the output cap."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+
+from conftest import assert_no_leftovers
+
+from jupyter_linuxworker.sandbox import outputlog
+from jupyter_linuxworker.sandbox.manager import JobManager
+from jupyter_linuxworker.sandbox.store import JobStatus
+
+
+async def test_non_utf8_bytes_kept(manager: JobManager) -> None:
+    """O1: bytes that are not UTF-8 are stored raw; a text view replaces them."""
+    job = await manager.submit({"command": r"printf 'a\377b\n'"})
+    record = await manager.wait(job.id, timeout=5)
+
+    assert record.status == JobStatus.COMPLETED
+    data = manager.read_output(job.id)
+    assert data == bytes([0x61, 0xFF, 0x62, 0x0A])
+    assert data.decode("utf-8", errors="replace") == "a\ufffdb\n"
+
+
+async def test_final_line_without_newline(manager: JobManager) -> None:
+    """O2: a last line without newline reaches a live follower before end-of-stream."""
+    job = await manager.submit({"command": "sleep 0.3; printf 'no newline'"})
+    chunks = [chunk async for chunk in manager.follow(job.id)]
+
+    assert b"".join(chunks) == b"no newline"
+    assert manager.read_output(job.id) == b"no newline"
+    assert (await manager.wait(job.id, timeout=5)).output_size == 10
+
+
+async def test_stdin_is_at_eof(manager: JobManager) -> None:
+    """O4: stdin is closed: `read` gets nothing, a bare `cat` exits 0 at once."""
+    started = time.monotonic()
+    reader = await manager.submit({"command": 'read x; echo "got:[$x]"'})
+    cat = await manager.submit({"command": "cat"})
+    reader_record = await manager.wait(reader.id, timeout=5)
+    cat_record = await manager.wait(cat.id, timeout=5)
+
+    assert reader_record.exit_code == 0
+    assert manager.read_output(reader.id) == b"got:[]\n"
+    assert cat_record.exit_code == 0
+    assert manager.read_output(cat.id) == b""
+    assert time.monotonic() - started < 1.0
+
+
+async def test_output_is_live(manager: JobManager) -> None:
+    """S1: a follower gets each line when it is written, while the job is RUNNING."""
+    job = await manager.submit({"command": "echo one; sleep 3; echo two"})
+    started = time.monotonic()
+    arrivals: list[tuple[bytes, float, JobStatus]] = []
+    async for chunk in manager.follow(job.id):
+        arrivals.append((chunk, time.monotonic() - started, manager.get(job.id).status))
+
+    assert [chunk for chunk, _, _ in arrivals] == [b"one\n", b"two\n"]
+    assert arrivals[0][1] < 0.5
+    assert arrivals[0][2] == JobStatus.RUNNING
+    assert arrivals[1][1] - arrivals[0][1] >= 2.5
+
+
+async def test_followers_end_when_job_ends(manager: JobManager) -> None:
+    """S2: followers receive the output, then end-of-stream within 1 s of the job's end."""
+    job = await manager.submit({"command": "echo hi; sleep 1; kill -KILL $$"})
+
+    async def follow() -> tuple[bytes, float]:
+        data = b"".join([chunk async for chunk in manager.follow(job.id)])
+        return data, time.time()
+
+    results = await asyncio.gather(follow(), follow())
+    record = await manager.wait(job.id, timeout=5)
+
+    assert record.status == JobStatus.FAILED
+    assert record.signal == 9
+    assert record.ended_at is not None
+    for data, ended in results:
+        assert data == b"hi\n"
+        assert ended - record.ended_at < 1.0
+
+
+async def test_follow_from_offset(manager: JobManager) -> None:
+    job = await manager.submit({"command": "printf 0123456789"})
+    await manager.wait(job.id, timeout=5)
+
+    assert b"".join([c async for c in manager.follow(job.id, offset=4)]) == b"456789"
+    assert b"".join([c async for c in manager.follow(job.id, offset=10)]) == b""
+    assert manager.read_output(job.id, offset=2, size=3) == b"234"
+
+
+async def test_stderr_ranges_in_arrival_order(manager: JobManager) -> None:
+    job = await manager.submit(
+        {
+            "command": "echo out1; sleep 0.1; echo err1 >&2; sleep 0.1; echo out2; "
+            "sleep 0.1; echo err2 >&2"
+        }
+    )
+    await manager.wait(job.id, timeout=5)
+
+    assert manager.read_output(job.id) == b"out1\nerr1\nout2\nerr2\n"
+    assert manager.stderr_ranges(job.id) == [(5, 10, outputlog.STDERR), (15, 20, outputlog.STDERR)]
+    pieces = [piece async for piece in manager.follow_streams(job.id)]
+    assert pieces == [
+        (outputlog.STDOUT, b"out1\n"),
+        (outputlog.STDERR, b"err1\n"),
+        (outputlog.STDOUT, b"out2\n"),
+        (outputlog.STDERR, b"err2\n"),
+    ]
+
+
+async def test_runaway_output_is_capped(manager: JobManager) -> None:
+    """R3: past the cap, output is drained and dropped, the job runs on, readers see a marker."""
+    cap = 16 * 1024**2
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    job = await manager.submit({"command": "yes", "output_cap": "16M"})
+    follower = asyncio.ensure_future(_count_bytes(manager, job.id))
+    await asyncio.sleep(10)
+
+    assert manager.get(job.id).status == JobStatus.RUNNING
+    record = await manager.stop(job.id)
+    followed_size, followed_tail = await asyncio.wait_for(follower, 5)
+
+    # ru_maxrss is in KiB: following 16 MiB in 1 MiB chunks must not keep it all in memory.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 8 * 1024
+    marker = outputlog.truncation_marker(cap, after_newline=True)
+    assert record.status == JobStatus.STOPPED
+    assert record.output_truncated is True
+    assert record.output_size == cap + len(marker)
+    data = manager.read_output(job.id)
+    assert len(data) == cap + len(marker)
+    assert data[:cap] == b"y\n" * (cap // 2)
+    assert data[cap:] == marker
+    assert followed_size == cap + len(marker)
+    assert followed_tail.endswith(marker)
+    assert manager.stderr_ranges(job.id) == [(cap, cap + len(marker), outputlog.MARKER)]
+    assert_no_leftovers(manager)
+
+
+async def _count_bytes(manager: JobManager, job_id: str) -> tuple[int, bytes]:
+    size = 0
+    tail = b""
+    async for chunk in manager.follow(job_id):
+        size += len(chunk)
+        tail = (tail + chunk)[-4096:]
+    return size, tail
+
+
+async def test_cap_marker_after_partial_line(manager: JobManager) -> None:
+    job = await manager.submit({"command": "printf 'abcdefgh'", "output_cap": 5})
+    record = await manager.wait(job.id, timeout=5)
+
+    assert record.status == JobStatus.COMPLETED
+    assert manager.read_output(job.id) == b"abcde" + outputlog.truncation_marker(
+        5, after_newline=False
+    )
+    assert outputlog.truncation_marker(5, after_newline=False).startswith(
+        b"\n[jupyter-linuxworker: "
+    )
