@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 from conftest import assert_no_leftovers, processes_with_cmdline
 
+from jupyter_linuxworker.sandbox import jobdir
 from jupyter_linuxworker.sandbox.manager import JobManager
 from jupyter_linuxworker.sandbox.store import JobStatus
 
@@ -226,6 +229,43 @@ async def test_manager_restart_adopts_running_job(state_dir: str) -> None:
 
         stopped = await second.stop(sleeper.id)
         assert stopped.status == JobStatus.STOPPED
+        assert_no_leftovers(second)
+    finally:
+        await second.close()
+
+
+async def test_supervisor_killed_job_is_lost(manager: JobManager) -> None:
+    job = await manager.submit({"command": "sleep 600"})
+    await wait_running(manager, job.id)
+    supervisor = jobdir.read_json(os.path.join(manager.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
+    assert supervisor is not None
+
+    os.kill(supervisor["pid"], signal.SIGKILL)
+    record = await manager.wait(job.id, timeout=5)
+
+    assert record.status == JobStatus.LOST
+    assert record.reason == "lost"
+    assert not manager.cgroups.for_job(job.id).exists()
+    assert processes_with_cmdline("sleep", "600") == []
+
+
+async def test_lost_while_no_manager_runs(state_dir: str) -> None:
+    first = JobManager(state_dir, grace=1.0)
+    await first.start()
+    job = await first.submit({"command": "sleep 600"})
+    await wait_running(first, job.id)
+    await first.close()
+    supervisor = jobdir.read_json(os.path.join(first.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
+    assert supervisor is not None
+    os.kill(supervisor["pid"], signal.SIGKILL)
+    os.waitpid(supervisor["pid"], 0)
+
+    second = JobManager(state_dir, grace=1.0)
+    await second.start()
+    try:
+        record = second.get(job.id)
+        assert record.status == JobStatus.LOST
+        assert processes_with_cmdline("sleep", "600") == []
         assert_no_leftovers(second)
     finally:
         await second.close()

@@ -1,0 +1,122 @@
+"""`jupyter linuxworker run` as a user types it: bytes, exit codes, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import mounts_below, processes_with_cmdline
+
+from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
+from jupyter_linuxworker.sandbox.store import DATABASE_NAME, JobStore
+
+CLI = [sys.executable, "-m", "jupyter_linuxworker.cli"]
+
+
+@pytest.fixture
+def cli(state_dir: str) -> Iterator[list[str]]:
+    """The command line on a fresh state folder; its jobs are checked for leftovers after."""
+    yield [*CLI, "--state-dir", state_dir]
+
+    store = JobStore(os.path.join(state_dir, DATABASE_NAME))
+    layout = CgroupLayout.detect()
+    for record in store.list():
+        assert record.status.ended
+        assert not layout.for_job(record.id).exists()
+    store.close()
+    assert mounts_below(state_dir) == []
+
+
+def run_cli(cli: list[str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*cli, *args], capture_output=True, timeout=timeout, check=False)
+
+
+def test_run_streams_bytes_and_exit_code(cli: list[str]) -> None:
+    result = run_cli(cli, "run", "--", r"printf 'a\377b'; printf 'err\n' >&2; exit 4")
+
+    assert result.stdout == b"a\xffb"
+    assert result.stderr == b"err\n"
+    assert result.returncode == 4
+
+
+def test_run_argv_and_options(cli: list[str]) -> None:
+    result = run_cli(
+        cli,
+        "run",
+        "--env",
+        "GREETING=hi there",
+        "--workdir",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        'echo "$GREETING"; pwd',
+    )
+
+    assert result.stdout == b"hi there\n/tmp\n"
+    assert result.returncode == 0
+
+
+def test_run_signal_exit_code(cli: list[str]) -> None:
+    result = run_cli(cli, "run", "--", "kill -KILL $$")
+    assert result.returncode == 137
+
+
+def test_run_bad_option_names_field(cli: list[str]) -> None:
+    result = run_cli(cli, "run", "--memory", "lots", "--", "true")
+
+    assert result.returncode == 2
+    assert result.stderr.startswith(b"jupyter linuxworker: memory: invalid value 'lots': ")
+
+
+def test_run_setup_error_is_reported(cli: list[str]) -> None:
+    result = run_cli(cli, "run", "--workdir", "/etc/passwd", "--", "true")
+
+    assert result.returncode == 125
+    assert b"setup failed at step 'enter working directory /etc/passwd'" in result.stderr
+
+
+def test_run_volume(cli: list[str], tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_bytes(b"volume data\n")
+    result = run_cli(
+        cli,
+        "run",
+        "--volume-root",
+        str(tmp_path),
+        "--volume",
+        f"{tmp_path}:/data:ro",
+        "--",
+        "cat /data/in.txt",
+    )
+
+    assert result.stdout == b"volume data\n"
+    assert result.returncode == 0
+
+
+def test_run_ctrl_c_stops_job(cli: list[str]) -> None:
+    process = subprocess.Popen(
+        [*cli, "run", "--grace", "1", "--", "echo ready; exec sleep 4321"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"ready\n"
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+    assert process.returncode == 143
+    assert time.monotonic() - started < 2.0
+    assert b"Stopping job" in stderr
+    assert processes_with_cmdline("sleep", "4321") == []
