@@ -34,7 +34,27 @@ MNT_DETACH: Final = 0x2
 
 # prctl options from <linux/prctl.h>.
 PR_SET_PDEATHSIG: Final = 1
+PR_CAPBSET_DROP: Final = 24
 PR_SET_CHILD_SUBREAPER: Final = 36
+PR_SET_NO_NEW_PRIVS: Final = 38
+PR_CAP_AMBIENT: Final = 47
+PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
+
+# The new mount API (Linux 5.2, idmapped mounts 5.12); these numbers are the same on every
+# architecture because they were added after the syscall tables were unified.
+_SYS_OPEN_TREE: Final = 428
+_SYS_MOVE_MOUNT: Final = 429
+_SYS_MOUNT_SETATTR: Final = 442
+OPEN_TREE_CLONE: Final = 1
+AT_FDCWD: Final = -100
+AT_EMPTY_PATH: Final = 0x1000
+AT_RECURSIVE: Final = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
+MOUNT_ATTR_RDONLY: Final = 0x1
+MOUNT_ATTR_NOSUID: Final = 0x2
+MOUNT_ATTR_NODEV: Final = 0x4
+MOUNT_ATTR_IDMAP: Final = 0x00100000
+_CAPABILITY_VERSION_3: Final = 0x20080522
 
 _SYS_PIVOT_ROOT: Final = 155  # x86_64; the other architectures are listed below.
 _PIVOT_ROOT_NUMBERS: Final = {
@@ -94,3 +114,100 @@ def prctl(option: int, arg2: int = 0) -> None:
         ctypes.c_ulong(0),
     )
     _check(result, f"prctl({option})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Move the calling process into the namespace that ``fd`` refers to."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns(0x{nstype:x})")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def open_tree_clone(path: str) -> int:
+    """Return a descriptor of a detached, not yet attached bind mount of ``path``."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD), path.encode(), ctypes.c_uint(flags)
+    )
+    return _check(result, f"open_tree {path!r}")
+
+
+def set_idmap(tree_fd: int, userns_fd: int, what: str, attributes: int = 0) -> None:
+    """Make the detached mount ``tree_fd`` show owners through the id map of ``userns_fd``.
+
+    ``attributes`` adds more MOUNT_ATTR_* flags, such as MOUNT_ATTR_RDONLY.
+    """
+    attr = _MountAttr(MOUNT_ATTR_IDMAP | attributes, 0, 0, userns_fd)
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_MOUNT_SETATTR),
+        ctypes.c_int(tree_fd),
+        b"",
+        ctypes.c_uint(AT_EMPTY_PATH),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _check(result, f"idmapped mount of {what!r}")
+
+
+def move_mount(tree_fd: int, target: str) -> None:
+    """Attach the detached mount ``tree_fd`` at ``target``."""
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_MOVE_MOUNT),
+        ctypes.c_int(tree_fd),
+        b"",
+        ctypes.c_int(AT_FDCWD),
+        target.encode(),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+    )
+    _check(result, f"move_mount to {target!r}")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def limit_capabilities(keep: frozenset[int], last_cap: int) -> None:
+    """Drop every capability not in ``keep`` from the bounding, ambient and current sets."""
+    for cap in range(last_cap + 1):
+        if cap not in keep:
+            _check(
+                _libc.prctl(
+                    ctypes.c_int(PR_CAPBSET_DROP),
+                    ctypes.c_ulong(cap),
+                    ctypes.c_ulong(0),
+                    ctypes.c_ulong(0),
+                    ctypes.c_ulong(0),
+                ),
+                f"drop capability {cap}",
+            )
+    _check(
+        _libc.prctl(
+            ctypes.c_int(PR_CAP_AMBIENT),
+            ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        ),
+        "clear ambient capabilities",
+    )
+    mask = sum(1 << cap for cap in keep)
+    data = (_CapData * 2)()
+    data[0] = _CapData(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0)
+    data[1] = _CapData(mask >> 32, mask >> 32, 0)
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
