@@ -35,18 +35,26 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from . import jobdir, outputlog
+from . import jobdir, outputlog, userns
+from .cgroupfs import block_device, device_number
 from .cgroups import CgroupError, CgroupLayout, JobCgroup
 from .images import DEFAULT_IMAGE_NAME, ImageError, ImageStore
 from .inotify import Inotify
-from .spec import JobSpec, SpecError
+from .spec import JobSpec, Limits, SpecError
 from .store import DATABASE_NAME, JobRecord, JobStatus, JobStore
 from .volumes import resolve_volume
 
 DEFAULT_STATE_DIR: Final = "/var/lib/jupyter-linuxworker"
 STATE_DIR_ENV: Final = "JUPYTER_LINUXWORKER_STATE_DIR"
 DEFAULT_GRACE: Final = 5.0
+# Limits of a job that asks for none. With them, no single job can take the host's memory or
+# pids; TOTAL_* below caps all jobs of one manager together.
+DEFAULT_MEMORY: Final = 1024**3
+DEFAULT_PIDS: Final = 1024
 DEFAULT_DISK: Final = 1024**3
+# Shares of the host that all running jobs together may use, set on the jobs' parent cgroup.
+TOTAL_MEMORY_FRACTION: Final = 0.75
+TOTAL_PIDS_FRACTION: Final = 0.5
 STOP_WAIT_MARGIN: Final = 5.0
 FOLLOW_CHUNK: Final = 1024 * 1024
 MAX_ADOPTED_JOBS: Final = 100_000
@@ -69,6 +77,23 @@ class JobConflict(Exception):
     """The job is in a state that does not allow the request, such as deleting a running job."""
 
 
+def _last_capability() -> int:
+    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as file:
+        return int(file.read())
+
+
+def _host_totals() -> dict[str, Any]:
+    """Return the memory and pids that all jobs of a manager may use together."""
+    with open("/proc/meminfo", encoding="ascii") as file:
+        mem_kib = next(int(line.split()[1]) for line in file if line.startswith("MemTotal:"))
+    with open("/proc/sys/kernel/pid_max", encoding="ascii") as file:
+        pid_max = int(file.read())
+    return {
+        "memory": int(mem_kib * 1024 * TOTAL_MEMORY_FRACTION),
+        "pids": int(pid_max * TOTAL_PIDS_FRACTION),
+    }
+
+
 def default_state_dir() -> str:
     """Return $JUPYTER_LINUXWORKER_STATE_DIR, else /var/lib/jupyter-linuxworker."""
     return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
@@ -84,6 +109,9 @@ class JobManager:
         volume_roots: list[str] | None = None,
         grace: float = DEFAULT_GRACE,
         disk: int = DEFAULT_DISK,
+        default_limits: Limits | None = None,
+        id_map: tuple[int, int] = (userns.DEFAULT_HOST_START, userns.DEFAULT_SIZE),
+        seccomp: bool = True,
         python: str = sys.executable,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir or default_state_dir())
@@ -95,7 +123,12 @@ class JobManager:
         ]
         self.grace = grace
         self.disk = disk
+        self.default_limits = default_limits or Limits(memory=DEFAULT_MEMORY, pids=DEFAULT_PIDS)
+        userns.check_id_map(*id_map)
+        self.id_map = id_map
+        self.seccomp = seccomp
         self.python = python
+        self.last_capability = _last_capability()
         self.cgroups = CgroupLayout.detect()
         self._store: JobStore | None = None
         self._inotify: Inotify | None = None
@@ -126,7 +159,7 @@ class JobManager:
                 "options; choose another path"
             )
         self._store = JobStore(os.path.join(self.state_dir, DATABASE_NAME))
-        self.cgroups.ensure_parents()
+        self.cgroups.ensure_parents(_host_totals())
         try:
             self.images.ensure_default(DEFAULT_IMAGE_NAME)
         except ImageError as error:
@@ -191,6 +224,7 @@ class JobManager:
         except ImageError as error:
             raise SpecError("image", spec.image, str(error)) from None
         volumes = [resolve_volume(volume, self.volume_roots) for volume in spec.volumes]
+        limits = self.limits_for(spec, image_root, volumes)
 
         job_id = uuid.uuid4().hex
         job_dir = self._job_dir(job_id)
@@ -210,6 +244,10 @@ class JobManager:
             "output_cap": spec.output_cap,
             "timeout": spec.timeout,
             "grace": self.grace,
+            "limits": limits,
+            "id_map": {"host_start": self.id_map[0], "size": self.id_map[1]},
+            "last_capability": self.last_capability,
+            "seccomp": self.seccomp,
         }
         jobdir.write_json(os.path.join(job_dir, jobdir.LAUNCH_FILE), launch)
         record = self.store.insert(
@@ -243,6 +281,45 @@ class JobManager:
             self._track(job_id, pid, start_ticks)
         log.info("job %s: submitted by %r, supervisor pid %s", job_id, owner, pid)
         return record
+
+    def limits_for(
+        self, spec: JobSpec, image_root: str, volumes: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Return the job's limits: the spec's, else the manager's defaults, with IO devices."""
+        limits: dict[str, Any] = {}
+        for name in (
+            "memory",
+            "cpus",
+            "cpu_weight",
+            "pids",
+            "io_read_bps",
+            "io_write_bps",
+            "io_read_iops",
+            "io_write_iops",
+        ):
+            value = getattr(spec.limits, name)
+            limits[name] = value if value is not None else getattr(self.default_limits, name)
+        # The writable layer is a tmpfs (memory), so IO limits apply where the job's files come
+        # from: the image's disk, the volumes' disks and the devices the spec names.
+        devices = [block_device(image_root), *(block_device(v["source"]) for v in volumes)]
+        named = set()
+        for path in spec.io_devices:
+            try:
+                named.add(device_number(path))
+            except ValueError as error:
+                raise SpecError(
+                    "io_devices", path, f"{error}; name a block device such as /dev/sda"
+                ) from None
+        limits["io_devices"] = sorted({d for d in devices if d} | named)
+        return limits
+
+    def stats(self, job_id: str) -> dict[str, Any]:
+        """Return the job's resource usage: live while it runs, final once it has ended."""
+        record = self.get(job_id)
+        if record.status.ended:
+            return dict(record.usage)
+        usage = self.cgroups.for_job(job_id).usage()
+        return usage if any(v is not None for v in usage.values()) else dict(record.usage)
 
     def _spawn_supervisor(self, job_dir: str) -> int:
         log_path = os.path.join(job_dir, jobdir.SUPERVISOR_LOG)
@@ -466,6 +543,7 @@ class JobManager:
             detail=state.get("detail"),
             output_size=state.get("output_size", record.output_size),
             output_truncated=bool(state.get("output_truncated", False)),
+            usage=state.get("usage") or {},
         )
         if updated != record:
             self.store.update(updated)

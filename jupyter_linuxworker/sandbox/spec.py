@@ -101,6 +101,7 @@ class JobSpec:
     volumes: tuple[Volume, ...] = ()
     network: str = "none"
     limits: Limits = field(default_factory=Limits)
+    io_devices: tuple[str, ...] = ()
 
     @property
     def argv(self) -> list[str]:
@@ -122,6 +123,7 @@ class JobSpec:
         data["command"] = self.command if isinstance(self.command, str) else list(self.command)
         data["volumes"] = [str(volume) for volume in self.volumes]
         data["limits"] = {key: value for key, value in data["limits"].items() if value is not None}
+        data["io_devices"] = list(self.io_devices)
         return data
 
     @classmethod
@@ -156,6 +158,7 @@ class JobSpec:
             volumes=_check_volumes(data.get("volumes") or ()),
             network=_check_network(data.get("network", "none")),
             limits=_check_limits(limits_data),
+            io_devices=_check_io_devices(data.get("io_devices") or ()),
         )
 
 
@@ -274,6 +277,17 @@ def _check_volumes(value: object) -> tuple[Volume, ...]:
             raise SpecError("volumes", str(volume), "two volumes have the same destination")
         volumes.append(Volume(volume.source, dest, volume.read_only))
     return tuple(volumes)
+
+
+def _check_io_devices(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise SpecError(
+            "io_devices", value, "expected a list of block device paths such as /dev/sda"
+        )
+    for item in value:
+        if not isinstance(item, str) or not item.startswith("/dev/"):
+            raise SpecError("io_devices", item, "expected a block device path such as /dev/sda")
+    return tuple(value)
 
 
 def _check_network(value: object) -> str:

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     ended_at REAL,
     output_size INTEGER NOT NULL DEFAULT 0,
-    output_truncated INTEGER NOT NULL DEFAULT 0
+    output_truncated INTEGER NOT NULL DEFAULT 0,
+    usage TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner);
@@ -82,7 +83,7 @@ class JobRecord:
     ended_at: float | None = None
     output_size: int = 0
     output_truncated: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    usage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def short_id(self) -> str:
@@ -117,6 +118,7 @@ class JobRecord:
             "ended_at": _iso(self.ended_at),
             "output_size": self.output_size,
             "output_truncated": self.output_truncated,
+            "usage": self.usage,
             "spec": self.spec,
         }
 
@@ -137,6 +139,7 @@ _COLUMNS: Final = (
     "ended_at",
     "output_size",
     "output_truncated",
+    "usage",
 )
 
 
@@ -145,6 +148,7 @@ def _record_from_row(row: tuple[Any, ...]) -> JobRecord:
     values["spec"] = json.loads(values["spec"])
     values["status"] = JobStatus(values["status"])
     values["output_truncated"] = bool(values["output_truncated"])
+    values["usage"] = json.loads(values["usage"])
     return JobRecord(**values)
 
 
@@ -179,7 +183,7 @@ class JobStore:
         """Write the changing fields of ``record``."""
         self._db.execute(
             "UPDATE jobs SET status=?, exit_code=?, signal=?, reason=?, detail=?, started_at=?, "
-            "ended_at=?, output_size=?, output_truncated=? WHERE id=?",
+            "ended_at=?, output_size=?, output_truncated=?, usage=? WHERE id=?",
             (
                 record.status.value,
                 record.exit_code,
@@ -190,6 +194,7 @@ class JobStore:
                 record.ended_at,
                 record.output_size,
                 int(record.output_truncated),
+                json.dumps(record.usage),
                 record.id,
             ),
         )

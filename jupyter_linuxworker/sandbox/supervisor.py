@@ -27,7 +27,7 @@ if __name__ == "__main__":
     # package lives three levels up from this file.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from jupyter_linuxworker.sandbox import container, jobdir, syscalls
+from jupyter_linuxworker.sandbox import container, jobdir, syscalls, userns
 from jupyter_linuxworker.sandbox.cgroups import CgroupError, JobCgroup
 from jupyter_linuxworker.sandbox.outputlog import STDERR, STDOUT, OutputWriter
 
@@ -63,6 +63,7 @@ class Supervisor:
         self.setup_error: dict[str, Any] | None = None
         self.exec_error: dict[str, Any] | None = None
         self.supervisor_error: str | None = None
+        self.usage: dict[str, Any] = {}
         self._signals_pending: set[int] = set()
 
     # -- signals ----------------------------------------------------------------------------
@@ -176,14 +177,13 @@ class Supervisor:
 
         try:
             self.cgroup.create()
+            self.cgroup.apply_limits(self.launch["limits"])
         except CgroupError as error:
-            self.setup_error = {
-                "step": "create cgroup",
-                "errno": error.errno or 0,
-                "message": str(error),
-            }
-            self._finish()
-            return
+            return self._setup_failed("create cgroup", error)
+        try:
+            job_userns, volume_userns = self._make_user_namespaces()
+        except OSError as error:
+            return self._setup_failed("create user namespace", error)
 
         writer = OutputWriter(self.job_dir, int(self.launch["output_cap"]))
         stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
@@ -191,6 +191,9 @@ class Supervisor:
         status_read, status_write = os.pipe2(os.O_CLOEXEC)
         for fd in (stdout_read, stderr_read):
             _set_pipe_size(fd)
+        fds = container.ContainerFds(
+            stdout_write, stderr_write, status_write, job_userns, volume_userns
+        )
 
         self.container_pid = os.fork()
         if self.container_pid == 0:
@@ -200,13 +203,30 @@ class Supervisor:
                 signal.signal(signum, signal.SIG_DFL)
             for fd in (wake_fd, stdout_read, stderr_read, status_read):
                 os.close(fd)
-            container.run_container(self.launch, stdout_write, stderr_write, status_write)
-        for fd in (stdout_write, stderr_write, status_write):
+            container.run_container(self.launch, fds)
+        for fd in (stdout_write, stderr_write, status_write, job_userns, *volume_userns):
             os.close(fd)
 
         self._loop(wake_fd, writer, {stdout_read: STDOUT, stderr_read: STDERR}, status_read)
         writer.close()
         self.state.update(output_size=writer.size, output_truncated=writer.truncated)
+        self._finish()
+
+    def _make_user_namespaces(self) -> tuple[int, list[int]]:
+        """Create the job's user namespace and one per volume owner, for the idmapped mounts."""
+        start = int(self.launch["id_map"]["host_start"])
+        size = int(self.launch["id_map"]["size"])
+        job_userns = userns.make_userns(f"0 {start} {size}", f"0 {start} {size}")
+        # A volume's owner on the host is the job's root inside, so files the job writes there
+        # belong to the owner of the volume's folder.
+        volume_userns = [
+            userns.make_userns(f"{v['owner_uid']} {start} 1", f"{v['owner_gid']} {start} 1")
+            for v in self.launch["volumes"]
+        ]
+        return job_userns, volume_userns
+
+    def _setup_failed(self, step: str, error: OSError) -> None:
+        self.setup_error = {"step": step, "errno": error.errno or 0, "message": str(error)}
         self._finish()
 
     def _loop(
@@ -276,6 +296,11 @@ class Supervisor:
     # -- the end ----------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        # Usage and OOM kills live in the cgroup: read them before it is removed.
+        try:
+            self.usage = self.cgroup.usage() if self.cgroup.exists() else {}
+        except OSError as error:
+            log.error("job %s: reading usage failed: %s", self.job_id, error)
         try:
             self.cgroup.remove()
         except CgroupError as error:
@@ -283,7 +308,7 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(os.path.join(self.job_dir, jobdir.STAGING_DIR))
 
-        self.state.update(self._outcome(), ended_at=time.time())
+        self.state.update(self._outcome(), ended_at=time.time(), usage=self.usage)
         self.state.setdefault("started_at", None)
         jobdir.write_json(os.path.join(self.job_dir, jobdir.STATE_FILE), self.state)
         log.info(
@@ -351,6 +376,12 @@ class Supervisor:
                 "reason": "lost",
                 "detail": "the container ended without a status",
             }
+        if self.usage.get("oom_kills") and (signum is not None or exit_code != 0):
+            kills = self.usage["oom_kills"]
+            detail = f"out of memory: the kernel killed {kills} process(es) at the memory limit"
+            if signum is not None:
+                detail += f"; the command was killed by signal {signum}"
+            return {**outcome, "status": "FAILED", "reason": "out-of-memory", "detail": detail}
         if signum is not None:
             name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
             return {

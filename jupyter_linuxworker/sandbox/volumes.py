@@ -34,4 +34,12 @@ def resolve_volume(volume: Volume, roots: list[str]) -> dict[str, Any]:
             str(volume),
             f"the source {shown} lies outside the allowed volume roots ({', '.join(real_roots)})",
         )
-    return {"source": real, "dest": volume.dest, "read_only": volume.read_only, "roots": real_roots}
+    status = os.stat(real)
+    return {
+        "source": real,
+        "dest": volume.dest,
+        "read_only": volume.read_only,
+        "roots": real_roots,
+        "owner_uid": status.st_uid,
+        "owner_gid": status.st_gid,
+    }
