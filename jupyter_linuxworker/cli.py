@@ -26,6 +26,7 @@ from .sandbox.manager import (
 )
 from .sandbox.spec import JobSpec, SpecError, Volume
 from .sandbox.store import JobRecord, JobStatus
+from .sandbox.units import format_size
 
 EXIT_USAGE: Final = 2
 EXIT_ENGINE_ERROR: Final = 125
@@ -60,11 +61,22 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-cap", help="keep at most this much output (such as 16M); the rest is dropped"
     )
-    parser.add_argument("--memory", help="memory limit, such as 256M or 1.5G")
+    parser.add_argument("--memory", help="memory limit, such as 256M or 1.5G (no swap beyond it)")
     parser.add_argument("--cpus", help="CPU quota in CPUs, such as 0.5")
-    parser.add_argument("--pids", help="maximum number of processes")
+    parser.add_argument("--cpu-weight", help="relative CPU weight from 1 to 10000 (default 100)")
+    parser.add_argument("--pids", help="maximum number of processes and threads")
+    parser.add_argument("--disk", help="size of the writable layer, such as 512M")
     parser.add_argument("--io-read", help="read rate limit in bytes per second, such as 10M")
     parser.add_argument("--io-write", help="write rate limit in bytes per second, such as 10M")
+    parser.add_argument("--io-read-iops", help="read operations per second")
+    parser.add_argument("--io-write-iops", help="write operations per second")
+    parser.add_argument(
+        "--io-device",
+        action="append",
+        default=[],
+        metavar="DEVICE",
+        help="also apply the IO limits to this block device, such as /dev/sdb (repeatable)",
+    )
 
 
 def spec_from_options(options: argparse.Namespace, command: Sequence[str] | str) -> JobSpec:
@@ -85,9 +97,14 @@ def spec_from_options(options: argparse.Namespace, command: Sequence[str] | str)
         "output_cap": options.output_cap,
         "memory": options.memory,
         "cpus": options.cpus,
+        "cpu_weight": options.cpu_weight,
         "pids": options.pids,
+        "disk": options.disk,
         "io_read_bps": options.io_read,
         "io_write_bps": options.io_write,
+        "io_read_iops": options.io_read_iops,
+        "io_write_iops": options.io_write_iops,
+        "io_devices": options.io_device,
     }
     if options.workdir:
         data["workdir"] = options.workdir
@@ -144,15 +161,38 @@ async def _run(options: argparse.Namespace, command: str | list[str]) -> int:
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
 
-        if record.status not in (JobStatus.COMPLETED,) and record.reason not in (
-            "exit-code",
-            "signal",
-        ):
+        if options.stats:
+            sys.stderr.write(format_stats(record))
+        elif record.status != JobStatus.COMPLETED and record.reason not in ("exit-code", "signal"):
             sys.stderr.write(
                 f"jupyter linuxworker: job {record.short_id} {record.status.value}: "
                 f"{record.detail}\n"
             )
         return exit_code_of(record)
+
+
+def format_stats(record: JobRecord) -> str:
+    """Return the end reason and resource usage of an ended job, one fact a line."""
+    usage = record.usage
+    elapsed = (record.ended_at or 0.0) - (record.started_at or record.ended_at or 0.0)
+    lines = [
+        f"job: {record.id}",
+        f"status: {record.status.value}",
+        f"exit code: {record.exit_code}",
+        f"reason: {record.reason or '-'}" + (f" ({record.detail})" if record.detail else ""),
+        f"elapsed: {elapsed:.3f} s",
+    ]
+    if usage.get("cpu_seconds") is not None:
+        lines.append(f"cpu: {usage['cpu_seconds']:.3f} s")
+    if usage.get("memory_peak_bytes") is not None:
+        lines.append(f"memory peak: {format_size(usage['memory_peak_bytes'])}")
+    if usage.get("pids_peak") is not None:
+        lines.append(f"pids peak: {usage['pids_peak']}")
+    if usage.get("io_read_bytes") is not None:
+        lines.append(f"io read: {format_size(usage['io_read_bytes'])}")
+        lines.append(f"io written: {format_size(usage['io_write_bytes'] or 0)}")
+    lines.append(f"oom kills: {usage.get('oom_kills', 0)}")
+    return "".join(f"jupyter linuxworker: {line}\n" for line in lines)
 
 
 async def _demo(options: argparse.Namespace) -> int:
@@ -231,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_GRACE,
         help="seconds between SIGTERM and SIGKILL when the job is stopped (default: %(default)s)",
+    )
+    run.add_argument(
+        "--stats", action="store_true", help="print the end reason and resource usage to stderr"
     )
     run.add_argument("words", nargs=argparse.REMAINDER, help="the command")
 

@@ -120,3 +120,34 @@ def test_run_ctrl_c_stops_job(cli: list[str]) -> None:
     assert time.monotonic() - started < 2.0
     assert b"Stopping job" in stderr
     assert processes_with_cmdline("sleep", "4321") == []
+
+
+def test_run_stats_and_limits(cli: list[str]) -> None:
+    result = run_cli(
+        cli,
+        "run",
+        "--memory",
+        "32M",
+        "--pids",
+        "20",
+        "--stats",
+        "--",
+        "dd if=/dev/zero of=/dev/null bs=100M count=1",
+    )
+
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 137
+    assert lines[1] == "jupyter linuxworker: status: FAILED"
+    assert lines[2] == "jupyter linuxworker: exit code: 137"
+    assert lines[3].startswith("jupyter linuxworker: reason: out-of-memory (out of memory: ")
+    assert lines[-1] == "jupyter linuxworker: oom kills: 1"
+    assert any(line.startswith("jupyter linuxworker: memory peak: ") for line in lines)
+
+
+def test_run_timeout_exit_code(cli: list[str]) -> None:
+    started = time.monotonic()
+    result = run_cli(cli, "run", "--timeout", "1", "--grace", "0.5", "--", "sleep 100")
+
+    assert result.returncode == 143
+    assert time.monotonic() - started < 5
+    assert b"FAILED: timed out after 1 s" in result.stderr

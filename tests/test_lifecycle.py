@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 
 from conftest import assert_no_leftovers, processes_with_cmdline
@@ -269,3 +270,29 @@ async def test_lost_while_no_manager_runs(state_dir: str) -> None:
         assert_no_leftovers(second)
     finally:
         await second.close()
+
+
+async def test_start_removes_leftover_cgroup(state_dir: str) -> None:
+    first = JobManager(state_dir, grace=1.0)
+    await first.start()
+    job = await first.submit({"command": "true"})
+    await first.wait(job.id, timeout=5)
+    await first.close()
+
+    # As if a crash had left the ended job's cgroup behind with a process in it.
+    cgroup = first.cgroups.for_job(job.id)
+    cgroup.create()
+    straggler = subprocess.Popen(["sleep", "2345"])
+    try:
+        cgroup.join(straggler.pid)
+        second = JobManager(state_dir, grace=1.0)
+        await second.start()
+        await second.close()
+        assert straggler.wait(timeout=5) == -signal.SIGKILL
+        assert not cgroup.exists()
+    finally:
+        if straggler.poll() is None:
+            straggler.kill()
+            straggler.wait()
+        if cgroup.exists():
+            cgroup.remove()
