@@ -93,7 +93,8 @@ def test_spec_round_trip() -> None:
         ({"command": "x", "volumes": ["/a:/d", "/b:/d"]}, "volumes", "same destination"),
         ({"command": "x", "network": "host"}, "network", "none"),
         ({"command": "x", "memory": "lots"}, "memory", "such as 256M"),
-        ({"command": "x", "cpus": "0"}, "cpus", "above 0"),
+        ({"command": "x", "cpus": "0"}, "cpus", "from 0.01"),
+        ({"command": "x", "cpus": "0.005"}, "cpus", "from 0.01"),
         ({"command": "x", "pids": "many"}, "pids", "whole number"),
         ({"command": "x", "io_write_bps": "fast"}, "io_write_bps", "per second"),
         ({"command": "x", "colour": "red"}, "colour", "unknown field"),
@@ -109,5 +110,5 @@ def test_bad_field_is_named(data: dict[str, object], field: str, fragment: str) 
 
 def test_cpus_above_host_rejected() -> None:
     too_many = (os.cpu_count() or 1) + 1
-    with pytest.raises(SpecError, match=f"at most {os.cpu_count()}"):
+    with pytest.raises(SpecError, match=f"from 0.01 to {os.cpu_count()}"):
         JobSpec.from_dict({"command": "x", "cpus": too_many})

@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -33,6 +34,7 @@ SERVER_LEAF_NAME: Final = "jupyter-linuxworker-server"
 V1_CONTROLLERS: Final = ("memory", "cpu", "cpuacct", "pids", "blkio", "freezer")
 V2_CONTROLLERS: Final = ("cpu", "io", "memory", "pids")
 CPU_PERIOD_US: Final = 100_000
+MIN_QUOTA_US: Final = 1000
 V1_SHARES_PER_WEIGHT: Final = 1024 / 100  # v2 weight 100 (the default) is v1 shares 1024
 V1_MIN_SHARES: Final = 2
 FREEZE_TIMEOUT: Final = 2.0
@@ -110,12 +112,16 @@ class JobCgroup:
                 write(os.path.join(path, "cgroup.kill"), "1")
                 return
             # Kernels before 5.14 have no cgroup.kill: freeze, kill each process, thaw.
-            self._freeze_and_kill(os.path.join(path, "cgroup.freeze"), "1", "0", path)
+            freeze = os.path.join(path, "cgroup.freeze")
+            events = os.path.join(path, "cgroup.events")
+            self._freeze_and_kill(freeze, "1", "0", path, lambda: _has_line(events, "frozen 1"))
             return
         freezer = self.paths.get("freezer")
         if freezer is not None and os.path.isdir(freezer):
             state = os.path.join(freezer, "freezer.state")
-            self._freeze_and_kill(state, "FROZEN", "THAWED", freezer)
+            self._freeze_and_kill(
+                state, "FROZEN", "THAWED", freezer, lambda: _has_line(state, "FROZEN")
+            )
             return
         # NOTE: without a freezer, a process that forks fast can create a child between the
         # read of cgroup.procs and the kills; the loop repeats until the cgroup is empty.
@@ -127,18 +133,20 @@ class JobCgroup:
                 _kill_quietly(pid)
             time.sleep(RETRY_INTERVAL)
 
-    def _freeze_and_kill(self, state_file: str, frozen: str, thawed: str, folder: str) -> None:
+    def _freeze_and_kill(
+        self, control: str, freeze: str, thaw: str, folder: str, is_frozen: Callable[[], bool]
+    ) -> None:
         for _attempt in range(KILL_ATTEMPTS):
             if not self.pids():
                 return
-            write(state_file, frozen)
+            write(control, freeze)
             deadline = time.monotonic() + FREEZE_TIMEOUT
-            # The freezer reports FREEZING until every task has stopped; no event says when.
-            while not _is_frozen(state_file, frozen) and time.monotonic() < deadline:
+            # Freezing completes a moment after the write; v1 has no event that says when.
+            while not is_frozen() and time.monotonic() < deadline:
                 time.sleep(FREEZE_POLL_INTERVAL)
             for pid in _read_procs(folder):
                 _kill_quietly(pid)
-            write(state_file, thawed)
+            write(control, thaw)
             time.sleep(RETRY_INTERVAL)
 
     def remove(self) -> None:
@@ -180,7 +188,7 @@ class JobCgroup:
         cpus = limits.get("cpus")
         if cpus is not None:
             write(self._file("cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US))
-            write(self._file("cpu", "cpu.cfs_quota_us"), str(round(cpus * CPU_PERIOD_US)))
+            write(self._file("cpu", "cpu.cfs_quota_us"), str(_quota_us(cpus)))
         weight = limits.get("cpu_weight")
         if weight is not None:
             shares = max(V1_MIN_SHARES, round(weight * V1_SHARES_PER_WEIGHT))
@@ -203,7 +211,7 @@ class JobCgroup:
                 write(swap, "0")
         cpus = limits.get("cpus")
         if cpus is not None:
-            write(self._file("cpu", "cpu.max"), f"{round(cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+            write(self._file("cpu", "cpu.max"), f"{_quota_us(cpus)} {CPU_PERIOD_US}")
         if limits.get("cpu_weight") is not None:
             write(self._file("cpu", "cpu.weight"), str(limits["cpu_weight"]))
         if limits.get("pids") is not None:
@@ -229,7 +237,7 @@ class JobCgroup:
         cpu_ns = (
             read_int(self._file("cpuacct", "cpuacct.usage")) if "cpuacct" in self.paths else None
         )
-        oom = read_keyed(self._file("memory", "memory.oom_control")).get("oom_kill", 0)
+        oom = _oom_kills(self._file("memory", "memory.oom_control"))
         io_read, io_write = _blkio_bytes(
             self._file("blkio", "blkio.throttle.io_service_bytes_recursive")
         )
@@ -255,7 +263,7 @@ class JobCgroup:
             "pids_peak": read_int(self._file("pids", "pids.peak")),
             "io_read_bytes": io_read,
             "io_write_bytes": io_write,
-            "oom_kills": read_keyed(self._file("memory", "memory.events")).get("oom_kill", 0),
+            "oom_kills": _oom_kills(self._file("memory", "memory.events")),
         }
 
 
@@ -290,8 +298,19 @@ def _io_stat_bytes(path: str) -> tuple[int | None, int | None]:
     return read_bytes, write_bytes
 
 
-def _is_frozen(state_file: str, frozen: str) -> bool:
-    return read_text(state_file).strip() == frozen
+def _has_line(path: str, line: str) -> bool:
+    return line in read_text(path).splitlines()
+
+
+def _quota_us(cpus: float) -> int:
+    # The kernel rejects a CFS quota below 1 ms.
+    return max(MIN_QUOTA_US, round(cpus * CPU_PERIOD_US))
+
+
+def _oom_kills(path: str) -> int | None:
+    """Return the oom_kill count of memory.events or memory.oom_control; None without the file."""
+    events = read_keyed(path)
+    return events.get("oom_kill", 0) if events else None
 
 
 def _read_procs(folder: str) -> list[int]:

@@ -28,6 +28,7 @@ MAX_ENV_ENTRIES: Final = 1000
 MAX_VOLUMES: Final = 64
 MAX_TIMEOUT_SECONDS: Final = 30 * 24 * 3600.0
 MAX_CPU_WEIGHT: Final = 10_000
+MIN_CPUS: Final = 0.01  # the kernel's smallest CFS quota, 1 ms per 100 ms period
 NETWORK_MODES: Final = ("none",)
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -314,12 +315,9 @@ def _check_limit(name: str, value: Any) -> int | float:
         except (TypeError, ValueError):
             cpus = math.nan
         host_cpus = os.cpu_count() or 1
-        if isinstance(value, bool) or not math.isfinite(cpus) or not 0 < cpus <= host_cpus:
-            raise SpecError(
-                name,
-                value,
-                f"expected a number of CPUs above 0 and at most {host_cpus}, such as 0.5",
-            )
+        if isinstance(value, bool) or not math.isfinite(cpus) or not MIN_CPUS <= cpus <= host_cpus:
+            message = f"expected a number of CPUs from {MIN_CPUS} to {host_cpus}, such as 0.5"
+            raise SpecError(name, value, message)
         return cpus
     if name in ("cpu_weight", "pids"):
         top = MAX_CPU_WEIGHT if name == "cpu_weight" else 4_194_304
