@@ -1,0 +1,131 @@
+"""Start a real Jupyter server process with the extension, for the server and client tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A `jupyter server` started by a test, stopped by pid."""
+
+    state_dir: str
+    root_dir: str
+    runtime_dir: str
+    port: int = field(default_factory=free_port)
+    extra: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}linuxworker/api/"
+
+    def start(self) -> ServerProcess:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = TESTS_DIR + os.pathsep + env.get("PYTHONPATH", "")
+        env["JUPYTER_RUNTIME_DIR"] = self.runtime_dir
+        env["JUPYTER_CONFIG_DIR"] = os.path.join(self.runtime_dir, "config")
+        env.pop("JUPYTER_LINUXWORKER_URL", None)
+        env.pop("JUPYTER_LINUXWORKER_TOKEN", None)
+        command = [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--no-browser",
+            "--allow-root",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--ServerApp.root_dir={self.root_dir}",
+            "--ServerApp.jpserver_extensions={'jupyter_linuxworker': True}",
+            "--ServerApp.identity_provider_class=identity_provider.TwoUserIdentityProvider",
+            f"--LinuxWorkerApp.state_dir={self.state_dir}",
+            "--LinuxWorkerApp.grace=1.0",
+            "--LinuxWorkerApp.admin_users=admin",
+            *self.extra,
+        ]
+        self.log_path = os.path.join(self.runtime_dir, f"server-{self.port}-{time.time():.0f}.log")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the server writes it until it stops
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=log, env=env, start_new_session=True
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the server exited with {self.process.returncode}:\n{self.log()}"
+                )
+            try:
+                request("GET", self.api + "images", "alice-token")
+                return self
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        raise RuntimeError(f"the server did not answer within {START_TIMEOUT} s:\n{self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as file:
+            return file.read()[-5000:]
+
+    def kill(self) -> None:
+        """End the server at once, as a crash would."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        """Stop the server as Ctrl-C would."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.kill(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def request(
+    method: str, url: str, token: str | None, body: object = None, timeout: float = 30
+) -> tuple[int, object]:
+    """Send one request; return the status and the decoded JSON (or raw bytes)."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if token:
+        headers["Authorization"] = f"token {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            status, raw, kind = (
+                response.status,
+                response.read(),
+                response.headers.get("Content-Type", ""),
+            )
+    except urllib.error.HTTPError as error:
+        status, raw, kind = error.code, error.read(), error.headers.get("Content-Type", "")
+    if "json" in kind and raw:
+        return status, json.loads(raw)
+    return status, raw
