@@ -72,7 +72,7 @@ def test_run_bad_option_names_field(cli: list[str]) -> None:
     result = run_cli(cli, "run", "--memory", "lots", "--", "true")
 
     assert result.returncode == 2
-    assert result.stderr.startswith(b"jupyter linuxworker: memory: invalid value 'lots': ")
+    assert result.stderr.startswith(b"jupyter linuxworker: --memory: invalid value 'lots': ")
 
 
 def test_run_setup_error_is_reported(cli: list[str]) -> None:
@@ -141,6 +141,8 @@ def test_run_stats_and_limits(cli: list[str]) -> None:
     assert lines[2] == "jupyter linuxworker: exit code: 137"
     assert lines[3].startswith("jupyter linuxworker: reason: out-of-memory (out of memory: ")
     assert lines[-1] == "jupyter linuxworker: oom kills: 1"
+    assert lines[0] == f"jupyter linuxworker: job: {lines[0].split()[-1]}"
+    assert len(lines[0].split()[-1]) == 12
     assert any(line.startswith("jupyter linuxworker: memory peak: ") for line in lines)
 
 

@@ -39,6 +39,7 @@ NAMESPACES: Final = (
 SETUP_FAILED_EXIT: Final = 125
 EXEC_FAILED_EXIT: Final = 127
 MAX_FD: Final = 65536
+INIT_TITLE: Final = "init"
 FORWARDED_SIGNALS: Final = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -114,6 +115,7 @@ def run_container(launch: dict[str, Any], fds: ContainerFds) -> NoReturn:
 
 def _run_pid1(launch: dict[str, Any], fds: ContainerFds) -> NoReturn:
     try:
+        step("name PID 1", syscalls.set_process_title, INIT_TITLE)
         root = setup_root(launch, fds.job_userns, fds.volume_userns)
         step("set hostname", socket.sethostname, launch["hostname"])
         step("bring loopback up", _bring_loopback_up)

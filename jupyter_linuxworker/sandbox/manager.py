@@ -121,6 +121,8 @@ class JobManager:
             os.path.abspath(r)
             for r in (volume_roots if volume_roots is not None else [os.getcwd()])
         ]
+        if grace < 0:
+            raise ValueError(f"invalid grace period {grace}: expected 0 or more seconds")
         self.grace = grace
         self.disk = disk
         self.default_limits = default_limits or Limits(memory=DEFAULT_MEMORY, pids=DEFAULT_PIDS)

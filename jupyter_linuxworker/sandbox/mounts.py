@@ -52,7 +52,7 @@ class SetupError(Exception):
     def __init__(self, step: str, error: OSError) -> None:
         self.step = step
         self.errno = error.errno or 0
-        super().__init__(f"{step}: {error}")
+        super().__init__(str(error))
 
 
 def step(name: str, action: Callable[..., object], *args: object) -> None:
@@ -93,7 +93,9 @@ def setup_root(launch: dict[str, Any], image_userns: int, volume_userns: list[in
 
     image = launch["image_root"]
     step(f"mount image {image}", _attach_idmapped, image, image_userns, lower, 0)
-    overlay_options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    # Relative layer paths keep the host's folder names out of the job's /proc/mounts.
+    step(f"enter {staging}", os.chdir, staging)
+    overlay_options = "lowerdir=lower,upperdir=upper,workdir=work"
     step(
         "mount the writable layer over the image",
         syscalls.mount,

@@ -28,6 +28,8 @@ MAX_ENV_ENTRIES: Final = 1000
 MAX_VOLUMES: Final = 64
 MAX_TIMEOUT_SECONDS: Final = 30 * 24 * 3600.0
 MAX_CPU_WEIGHT: Final = 10_000
+MIN_MEMORY: Final = 8 * 1024**2  # the job's init needs a few MiB of its own
+MIN_DISK: Final = 1024**2
 MIN_CPUS: Final = 0.01  # the kernel's smallest CFS quota, 1 ms per 100 ms period
 NETWORK_MODES: Final = ("none",)
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -230,7 +232,9 @@ def _check_timeout(value: object) -> float | None:
     try:
         seconds = parse_duration(value)  # type: ignore[arg-type]
     except (UnitError, TypeError):
-        raise SpecError("timeout", value, f"expected {DURATION_HELP}") from None
+        raise SpecError(
+            "timeout", value, f"expected more than 0 seconds: {DURATION_HELP}"
+        ) from None
     if seconds <= 0 or seconds > MAX_TIMEOUT_SECONDS:
         raise SpecError(
             "timeout", value, f"expected more than 0 and at most {MAX_TIMEOUT_SECONDS:.0f} seconds"
@@ -336,6 +340,8 @@ def _check_limit(name: str, value: Any) -> int | float:
     except (UnitError, TypeError):
         unit = SIZE_HELP if name in ("memory", "disk") else SIZE_HELP + " per second"
         raise SpecError(name, value, f"expected {unit}") from None
-    if amount < 1:
-        raise SpecError(name, value, "expected a value above 0")
+    minimum = {"memory": MIN_MEMORY, "disk": MIN_DISK}.get(name, 1)
+    if amount < minimum:
+        shown = f"{minimum // 1024**2}M" if minimum >= 1024**2 else "0"
+        raise SpecError(name, value, f"expected at least {shown}")
     return amount

@@ -369,12 +369,15 @@ class Supervisor:
                 f"could not execute {error['argv0']!r}: {error['message']} (errno {error['errno']})"
             )
             return {**outcome, "status": "FAILED", "reason": "exec-error", "detail": detail}
+        if status is None and self.usage.get("oom_kills"):
+            detail = "out of memory: the job's init was killed at the memory limit"
+            return {**outcome, "status": "FAILED", "reason": "out-of-memory", "detail": detail}
         if status is None:
             return {
                 **outcome,
                 "status": "FAILED",
-                "reason": "lost",
-                "detail": "the container ended without a status",
+                "reason": "container-error",
+                "detail": "the job's init ended without reporting the command's status",
             }
         if self.usage.get("oom_kills") and (signum is not None or exit_code != 0):
             kills = self.usage["oom_kills"]

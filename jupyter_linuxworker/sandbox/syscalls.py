@@ -211,3 +211,27 @@ def limit_capabilities(keep: frozenset[int], last_cap: int) -> None:
     data[1] = _CapData(mask >> 32, mask >> 32, 0)
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)
     _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+PR_SET_NAME: Final = 15
+_STAT_ARG_START: Final = 45  # fields 48 and 49 of /proc/self/stat, counted after the ')'
+
+
+def set_process_title(title: str) -> None:
+    """Show ``title`` as the process's name and command line, in place of its real argv.
+
+    PID 1 of a job is a fork of the supervisor, whose command line names host paths. The
+    argv memory is overwritten in place, so nothing about it reaches the job.
+    """
+    encoded = title.encode()
+    _libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(encoded[:15]), 0, 0, 0)
+    with open("/proc/self/stat", "rb") as file:
+        stat = file.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    start, end = int(fields[_STAT_ARG_START]), int(fields[_STAT_ARG_START + 1])
+    size = end - start
+    if size <= 0:
+        return
+    text = encoded[: size - 1]
+    ctypes.memset(start, 0, size)
+    ctypes.memmove(start, text, len(text))

@@ -27,6 +27,10 @@ def resolve_volume(volume: Volume, roots: list[str]) -> dict[str, Any]:
     if not os.path.exists(volume.source):
         raise SpecError("volumes", str(volume), f"the source {volume.source} does not exist")
     real = os.path.realpath(volume.source)
+    if not os.path.isdir(real):
+        raise SpecError(
+            "volumes", str(volume), f"the source {volume.source} is not a folder; mount its folder"
+        )
     if not any(is_beneath(real, root) for root in real_roots):
         shown = real if real != os.path.normpath(volume.source) else volume.source
         raise SpecError(
