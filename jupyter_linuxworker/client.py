@@ -15,6 +15,7 @@ runtime files, the kernel's parent server first.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import glob
 import http.client
@@ -22,7 +23,7 @@ import json
 import os
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -306,3 +307,129 @@ def _api_error(status: int, data: bytes) -> LinuxWorkerError:
             None,
         )
     return LinuxWorkerError(f"{message} (HTTP {status})", status, field)
+
+
+class AsyncClient:
+    """The same API as :class:`Client` for asyncio code, such as widgets on a kernel's loop."""
+
+    def __init__(
+        self, url: str | None = None, token: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.server = discover(url, token)
+        self.timeout = timeout
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        from tornado.httpclient import HTTPRequest
+
+        query = "?" + urllib.parse.urlencode(params, doseq=True) if params else ""
+        headers = {"Authorization": f"token {self.server.token}"}
+        payload = None
+        if body is not None:
+            payload = json.dumps(body)
+            headers["Content-Type"] = "application/json"
+        elif method == "POST":
+            payload = "{}"
+        # tornado measures request_timeout from the start; None means no limit for follow.
+        limit = self.timeout if timeout is None else timeout
+        return HTTPRequest(
+            self.server.url + path + query,
+            method=method,
+            headers=headers,
+            body=payload,
+            request_timeout=limit,
+            **kwargs,
+        )
+
+    async def _fetch(self, request: Any) -> Any:
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+        try:
+            return await AsyncHTTPClient().fetch(request)
+        except HTTPClientError as error:
+            body = error.response.body if error.response is not None else b""
+            raise _api_error(error.code, body) from None
+        except OSError as error:
+            raise LinuxWorkerError(
+                f"cannot reach the Jupyter server at {self.server.url}: {error}"
+            ) from None
+
+    async def _json(
+        self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None
+    ) -> Any:
+        response = await self._fetch(self._request(method, path, body, params))
+        return json.loads(response.body) if response.body else None
+
+    async def submit(self, command: str | list[str], **fields: Any) -> dict[str, Any]:
+        """Submit ``command`` with the spec's other ``fields``; return the job."""
+        data: dict[str, Any] = await self._json("POST", "jobs", {"command": command, **fields})
+        return data
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        """Return one job."""
+        data: dict[str, Any] = await self._json("GET", f"jobs/{urllib.parse.quote(job_id)}")
+        return data
+
+    async def list(
+        self, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """Return one page of jobs, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if cursor:
+            params["cursor"] = cursor
+        data: dict[str, Any] = await self._json("GET", "jobs", params=params)
+        return data
+
+    async def stop(self, job_id: str, grace: float | None = None) -> dict[str, Any]:
+        """Stop a job and return it once ended."""
+        body = {} if grace is None else {"grace": grace}
+        data: dict[str, Any] = await self._json(
+            "POST", f"jobs/{urllib.parse.quote(job_id)}/stop", body
+        )
+        return data
+
+    async def delete(self, job_id: str) -> None:
+        """Delete an ended job and its output."""
+        await self._json("DELETE", f"jobs/{urllib.parse.quote(job_id)}")
+
+    async def stats(self, job_id: str) -> dict[str, Any]:
+        """Return a job's resource usage."""
+        data: dict[str, Any] = await self._json("GET", f"jobs/{urllib.parse.quote(job_id)}/stats")
+        return data
+
+    async def output(self, job_id: str, offset: int = 0) -> bytes:
+        """Return a job's output from ``offset``."""
+        path = f"jobs/{urllib.parse.quote(job_id)}/output"
+        response = await self._fetch(self._request("GET", path, params={"offset": offset}))
+        body: bytes = response.body
+        return body
+
+    async def follow(self, job_id: str, offset: int = 0) -> AsyncIterator[bytes]:
+        """Yield a job's output as it arrives, until the job has ended and all is sent."""
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        path = f"jobs/{urllib.parse.quote(job_id)}/output"
+        request = self._request(
+            "GET",
+            path,
+            params={"offset": offset, "follow": 1},
+            timeout=0,
+            streaming_callback=queue.put_nowait,
+        )
+        request.request_timeout = None
+        fetch = asyncio.ensure_future(self._fetch(request))
+        fetch.add_done_callback(lambda _future: queue.put_nowait(None))
+        try:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+            await fetch
+        finally:
+            fetch.cancel()

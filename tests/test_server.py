@@ -16,6 +16,7 @@ import pytest
 from conftest import processes_with_cmdline
 from server import ServerProcess, request
 
+from jupyter_linuxworker.client import AsyncClient, Client, LinuxWorkerError
 from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 
 ALICE = "alice-token"
@@ -459,3 +460,31 @@ def test_stats_images_openapi(server: ServerProcess) -> None:
         "/jobs/{job_id}/stats",
         "/images",
     }
+
+
+async def test_async_client(server: ServerProcess) -> None:
+    client = AsyncClient(server.url, ALICE)
+    job = await client.submit("echo one; sleep 0.5; echo two")
+    chunks = [chunk async for chunk in client.follow(job["id"])]
+    ended = await client.get(job["id"])
+
+    assert b"".join(chunks) == b"one\ntwo\n"
+    assert ended["status"] == "COMPLETED"
+    assert await client.output(job["id"], 4) == b"two\n"
+    with pytest.raises(LinuxWorkerError) as caught:
+        await client.get("0" * 32)
+    assert caught.value.status == 404
+
+
+def test_sync_client_job_handle(server: ServerProcess) -> None:
+    client = Client(server.url, ALICE)
+    job = client.submit("echo hi; exit 2")
+    job.wait(timeout=10)
+
+    assert job.status == "FAILED"
+    assert job.exit_code == 2
+    assert job.output() == b"hi\n"
+    with pytest.raises(LinuxWorkerError) as caught:
+        client.submit("true", memory="lots")
+    assert caught.value.status == 400
+    assert caught.value.field == "memory"

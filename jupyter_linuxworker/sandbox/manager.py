@@ -364,6 +364,12 @@ class JobManager:
         limit: int = 50,
     ) -> list[JobRecord]:
         """Return records newest first; see :meth:`JobStore.list`."""
+        if statuses:
+            # The filter runs in SQLite: bring active records up to date first, so a job that
+            # started or ended since it was last read is filed under its real status.
+            active = (JobStatus.PENDING, JobStatus.RUNNING)
+            for record in self.store.list(statuses=active, owner=owner, limit=MAX_ADOPTED_JOBS):
+                self._refresh(record)
         records = self.store.list(
             statuses=statuses, owner=owner, before_seq=before_seq, limit=limit
         )

@@ -1,0 +1,110 @@
+"""Jobs outlive a Jupyter server that is killed and started again on the same state folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conftest import processes_with_cmdline
+from server import ServerProcess, request
+from test_server import ALICE, assert_no_job_leftovers, submit, wait_ended
+
+from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
+
+
+def test_jobs_survive_server_kill(tmp_path: Path) -> None:
+    """X1 for real: SIGKILL the server 2 s after submit, start it again on the same state."""
+    for name in ("state", "root", "runtime"):
+        (tmp_path / name).mkdir()
+    first = ServerProcess(
+        str(tmp_path / "state"), str(tmp_path / "root"), str(tmp_path / "runtime")
+    )
+    first.start()
+    try:
+        sleeper = submit(first, {"command": "echo begin; sleep 600"})
+        failing = submit(first, {"command": "sleep 3; echo e >&2; exit 3"})
+        time.sleep(2)
+    finally:
+        first.kill()
+
+    second = ServerProcess(
+        str(tmp_path / "state"), str(tmp_path / "root"), str(tmp_path / "runtime")
+    )
+    restarted = time.monotonic()
+    second.start()
+    try:
+        status, job = request("GET", f"{second.api}jobs/{sleeper['id']}", ALICE)
+        assert status == 200
+        assert isinstance(job, dict)
+        assert job["status"] == "RUNNING"
+        assert time.monotonic() - restarted < 5.0
+        assert request("GET", f"{second.api}jobs/{sleeper['id']}/output", ALICE) == (
+            200,
+            b"begin\n",
+        )
+
+        ended = wait_ended(second, str(failing["id"]))
+        assert ended["status"] == "FAILED"
+        assert ended["exit_code"] == 3
+        assert request("GET", f"{second.api}jobs/{failing['id']}/output", ALICE) == (200, b"e\n")
+
+        status, stopped = request("POST", f"{second.api}jobs/{sleeper['id']}/stop", ALICE, {})
+        assert status == 200
+        assert isinstance(stopped, dict)
+        assert stopped["status"] == "STOPPED"
+        assert processes_with_cmdline("sleep", "600") == []
+    finally:
+        second.stop()
+    assert_no_job_leftovers(str(tmp_path / "state"))
+
+
+def test_server_stop_leaves_jobs_running(tmp_path: Path) -> None:
+    for name in ("state", "root", "runtime"):
+        (tmp_path / name).mkdir()
+    first = ServerProcess(
+        str(tmp_path / "state"), str(tmp_path / "root"), str(tmp_path / "runtime")
+    )
+    first.start()
+    try:
+        job = submit(first, {"command": "echo begin; sleep 600"})
+        time.sleep(0.5)
+    finally:
+        first.stop()
+    assert "keeps running after the server stops" in first.log()
+
+    second = ServerProcess(
+        str(tmp_path / "state"), str(tmp_path / "root"), str(tmp_path / "runtime")
+    )
+    second.start()
+    try:
+        _, found = request("GET", f"{second.api}jobs/{job['id']}", ALICE)
+        assert isinstance(found, dict)
+        assert found["status"] == "RUNNING"
+        request("POST", f"{second.api}jobs/{job['id']}/stop", ALICE, {"grace": 0})
+    finally:
+        second.stop()
+    assert_no_job_leftovers(str(tmp_path / "state"))
+
+
+def test_stop_jobs_on_shutdown(tmp_path: Path) -> None:
+    for name in ("state", "root", "runtime"):
+        (tmp_path / name).mkdir()
+    server = ServerProcess(
+        str(tmp_path / "state"),
+        str(tmp_path / "root"),
+        str(tmp_path / "runtime"),
+        extra=["--LinuxWorkerApp.stop_jobs_on_shutdown=True"],
+    )
+    server.start()
+    try:
+        job = submit(server, {"command": "sleep 600"})
+        time.sleep(0.5)
+    finally:
+        server.stop()
+    assert f"stopping job {job['id']} at server shutdown" in server.log()
+    deadline = time.monotonic() + 10
+    layout = CgroupLayout.detect()
+    while layout.for_job(str(job["id"])).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not layout.for_job(str(job["id"])).exists()
+    assert processes_with_cmdline("sleep", "600") == []
