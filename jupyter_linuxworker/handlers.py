@@ -29,6 +29,8 @@ API_PREFIX: Final = "linuxworker/api"
 JOB_ID_REGEX: Final = r"(?P<job_id>[^/]+)"
 SSE_CONTENT_TYPE: Final = "text/event-stream"
 OCTET_STREAM: Final = "application/octet-stream"
+MIN_ID_PREFIX: Final = 8
+FULL_ID_LENGTH: Final = 32
 
 
 class LinuxWorkerHandler(ExtensionHandlerMixin, APIHandler):
@@ -63,7 +65,20 @@ class LinuxWorkerHandler(ExtensionHandlerMixin, APIHandler):
         return self.owner in self.app.admin_users
 
     def get_job(self, job_id: str) -> JobRecord:
-        """Return the job if it exists and the user may see it; raise 404 otherwise."""
+        """Return the job if it exists and the user may see it; raise 404 otherwise.
+
+        A unique prefix of at least ``MIN_ID_PREFIX`` digits names a job too, as the short ids
+        that listings show.
+        """
+        if MIN_ID_PREFIX <= len(job_id) < FULL_ID_LENGTH:
+            owner = None if self.is_admin else self.owner
+            matches = self.app.manager.store.ids_with_prefix(job_id, owner)
+            if len(matches) > 1:
+                raise web.HTTPError(
+                    400, f"job id prefix {job_id!r} matches several jobs; give more digits"
+                )
+            if matches:
+                job_id = matches[0]
         try:
             record = self.app.manager.get(job_id)
         except JobNotFound:
@@ -175,7 +190,7 @@ class JobHandler(LinuxWorkerHandler):
     @authorized
     async def delete(self, job_id: str) -> None:
         """Delete an ended job with its output; 409 while it runs."""
-        self.get_job(job_id)
+        job_id = self.get_job(job_id).id
         try:
             await self.app.manager.delete(job_id)
         except JobConflict as error:
@@ -191,7 +206,7 @@ class StopHandler(LinuxWorkerHandler):
     @authorized
     async def post(self, job_id: str) -> None:
         """Stop the job (SIGTERM, then SIGKILL after ``grace`` seconds); return it once ended."""
-        self.get_job(job_id)
+        job_id = self.get_job(job_id).id
         body = json.loads(self.request.body or b"{}") if self.request.body else {}
         grace = body.get("grace") if isinstance(body, dict) else None
         if grace is not None and (
@@ -211,7 +226,7 @@ class StatsHandler(LinuxWorkerHandler):
         """Return the job's usage: live while it runs, final once it has ended."""
         record = self.get_job(job_id)
         self.write_json(
-            {"id": record.id, "status": record.status.value, **self.app.manager.stats(job_id)}
+            {"id": record.id, "status": record.status.value, **self.app.manager.stats(record.id)}
         )
 
 
@@ -222,7 +237,7 @@ class OutputHandler(LinuxWorkerHandler):
     @authorized
     async def get(self, job_id: str) -> None:
         """Send output from ``offset``; with ``follow=1`` keep sending until the job has ended."""
-        self.get_job(job_id)
+        job_id = self.get_job(job_id).id
         offset = _int_argument(self, "offset", 0)
         follow = self.get_argument("follow", "0") in ("1", "true", "yes")
         sse = self.get_argument(

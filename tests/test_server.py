@@ -488,3 +488,17 @@ def test_sync_client_job_handle(server: ServerProcess) -> None:
         client.submit("true", memory="lots")
     assert caught.value.status == 400
     assert caught.value.field == "memory"
+
+
+def test_short_id_prefix(server: ServerProcess) -> None:
+    job = submit(server, {"command": "echo short"})
+    wait_ended(server, str(job["id"]))
+    short = str(job["id"])[:12]
+
+    status, found = request("GET", f"{server.api}jobs/{short}", ALICE)
+    assert status == 200
+    assert isinstance(found, dict)
+    assert found["id"] == job["id"]
+    assert request("GET", f"{server.api}jobs/{short}/output", ALICE) == (200, b"short\n")
+    assert request("GET", f"{server.api}jobs/{short}", BOB)[0] == 404
+    assert request("GET", f"{server.api}jobs/{short[:7]}", ALICE)[0] == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import enum
 import json
 import sqlite3
@@ -232,6 +233,20 @@ class JobStore:
             f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} ORDER BY seq DESC LIMIT ?", params
         ).fetchall()
         return [_record_from_row(row) for row in rows]
+
+    def ids_with_prefix(
+        self, prefix: str, owner: str | None = None, limit: int = 2
+    ) -> builtins.list[str]:
+        """Return up to ``limit`` job ids that start with ``prefix`` (hex digits only)."""
+        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+            return []
+        query = "SELECT id FROM jobs WHERE id >= ? AND id < ?"
+        params: list[Any] = [prefix, prefix + "g"]
+        if owner is not None:
+            query += " AND owner = ?"
+            params.append(owner)
+        rows = self._db.execute(query + " LIMIT ?", [*params, limit]).fetchall()
+        return [row[0] for row in rows]
 
     def delete(self, job_id: str) -> None:
         """Remove the record of ``job_id``."""
