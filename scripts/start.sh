@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
+mkdir -p notebooks
 echo "Starting JupyterLab on 127.0.0.1; open the URL it prints below."
 exec .venv/bin/jupyter lab --allow-root --no-browser --ip=127.0.0.1 \
   --ServerApp.root_dir="$PWD/notebooks" "$@"
