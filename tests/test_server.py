@@ -502,3 +502,27 @@ def test_short_id_prefix(server: ServerProcess) -> None:
     assert request("GET", f"{server.api}jobs/{short}/output", ALICE) == (200, b"short\n")
     assert request("GET", f"{server.api}jobs/{short}", BOB)[0] == 404
     assert request("GET", f"{server.api}jobs/{short[:7]}", ALICE)[0] == 404
+
+
+def test_requests_stay_fast_while_followers_stream(server: ServerProcess) -> None:
+    """Followers of a large output do not hold up other requests."""
+    job = submit(server, {"command": "yes | head -c 100000000"})
+    other = submit(server, {"command": "echo other"})
+    wait_ended(server, str(other["id"]))
+    followers = [Follower(server, str(job["id"])) for _ in range(10)]
+
+    latencies = []
+    while any(f.thread.is_alive() for f in followers) and len(latencies) < 200:
+        started = time.monotonic()
+        status, _ = request("GET", f"{server.api}jobs/{other['id']}", ALICE)
+        latencies.append(time.monotonic() - started)
+        assert status == 200
+    for follower in followers:
+        follower.join(timeout=60)
+
+    latencies.sort()
+    assert len(latencies) >= 10
+    assert latencies[len(latencies) // 2] < 0.1
+    assert latencies[-1] < 1.0
+    for follower in followers:
+        assert len(follower.data) == 100_000_000
