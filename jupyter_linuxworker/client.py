@@ -47,7 +47,7 @@ class LinuxWorkerError(Exception):
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """Where the API is: its URL (ending with a slash) and a token it accepts."""
+    """The API's URL (ending with a slash) and a token that it accepts."""
 
     url: str
     token: str

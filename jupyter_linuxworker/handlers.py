@@ -297,7 +297,7 @@ async def _pieces(handler: LinuxWorkerHandler, job_id: str, offset: int):  # typ
 
 
 class ImagesHandler(LinuxWorkerHandler):
-    """The images jobs can run in."""
+    """List the images that jobs can run in."""
 
     auth_resource = IMAGES_RESOURCE
 

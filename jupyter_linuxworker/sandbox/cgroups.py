@@ -141,7 +141,7 @@ class JobCgroup:
                 return
             write(control, freeze)
             deadline = time.monotonic() + FREEZE_TIMEOUT
-            # Freezing completes a moment after the write; v1 has no event that says when.
+            # Freezing completes a moment after the write, and v1 has no event for it.
             while not is_frozen() and time.monotonic() < deadline:
                 time.sleep(FREEZE_POLL_INTERVAL)
             for pid in _read_procs(folder):
@@ -353,7 +353,7 @@ def _own_cgroups(proc_cgroup: str) -> dict[str, str]:
 
 @dataclass
 class CgroupLayout:
-    """Where this process's job cgroups go: the parent folder per v1 controller, or the v2 one.
+    """The parent folders of job cgroups: one per v1 controller, or one on v2.
 
     ``own`` is the cgroup folder the manager ran in when detected (v2 only).
     """

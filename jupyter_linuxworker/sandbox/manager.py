@@ -47,8 +47,8 @@ from .volumes import resolve_volume
 DEFAULT_STATE_DIR: Final = "/var/lib/jupyter-linuxworker"
 STATE_DIR_ENV: Final = "JUPYTER_LINUXWORKER_STATE_DIR"
 DEFAULT_GRACE: Final = 5.0
-# Limits of a job that asks for none. With them, no single job can take the host's memory or
-# pids; TOTAL_* below caps all jobs of one manager together.
+# Limits of a job that sets none. With them, no single job can take the host's memory or pids.
+# TOTAL_* below caps all jobs of one manager together.
 DEFAULT_MEMORY: Final = 1024**3
 DEFAULT_PIDS: Final = 1024
 DEFAULT_DISK: Final = 1024**3

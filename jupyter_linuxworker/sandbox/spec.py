@@ -41,7 +41,7 @@ _RESERVED_DESTINATIONS: Final = ("/proc", "/dev", "/sys")
 
 
 class SpecError(ValueError):
-    """An invalid job spec field: ``field`` names it, the message says what is allowed."""
+    """An invalid job spec field: ``field`` names it, and the message states what is allowed."""
 
     def __init__(self, field_name: str, value: object, allowed: str) -> None:
         self.field = field_name

@@ -40,7 +40,7 @@ CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner);
 
 
 class JobStatus(enum.StrEnum):
-    """Where a job is in its life."""
+    """The stage of a job's life."""
 
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -67,7 +67,7 @@ def _iso(timestamp: float | None) -> str | None:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """What is known about one job."""
+    """The record of one job."""
 
     id: str
     name: str
