@@ -53,8 +53,10 @@ async def test_only_loopback_network(manager: JobManager) -> None:
 async def test_loopback_is_usable(manager: JobManager) -> None:
     status, _, output = await run(
         manager,
-        "nc -l -p 8080 >/tmp/got & sleep 0.2; echo ping | nc 127.0.0.1 8080; "
-        "sleep 0.2; cat /tmp/got",
+        # Retry until the listener is up, then wait for it to write what it received.
+        "nc -l -p 8080 >/tmp/got & listener=$!; "
+        "for i in $(seq 1 50); do echo ping | nc 127.0.0.1 8080 2>/dev/null && break; "
+        "sleep 0.1; done; wait $listener; cat /tmp/got",
     )
     assert status == JobStatus.COMPLETED
     assert output == b"ping\n"
