@@ -40,10 +40,11 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _add_server_options(parser: argparse.ArgumentParser) -> None:
+def _add_server_options(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
     parser.add_argument("--url", help="the Jupyter server's URL (default: found automatically)")
     parser.add_argument("--token", help="a token the server accepts (default: found with the URL)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    if json_output:
+        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("job_id", metavar="ID")
-        _add_server_options(sub)
+        _add_server_options(sub, json_output=name != "logs")
         if name == "logs":
             sub.add_argument(
                 "-f", "--follow", action="store_true", help="follow until the job ends"
@@ -142,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client(options: argparse.Namespace) -> Client:
+    client = Client(options.url, options.token)
+    if client.server.note:
+        _error(client.server.note)
+    return client
+
+
 def _dispatch(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
     if options.command in ("run", "submit"):
         command = command_from_words(options.words)
@@ -152,7 +160,7 @@ def _dispatch(parser: argparse.ArgumentParser, options: argparse.Namespace) -> i
             )
         spec = spec_from_options(options, command)
         if options.command == "submit":
-            return cli_remote.submit(Client(options.url, options.token), options, spec)
+            return cli_remote.submit(_client(options), options, spec)
         JobSpec.from_dict(spec)  # checks the spec before any state folder is touched
         return asyncio.run(cli_local.run_job(options, spec))
     if options.command == "demo":
@@ -160,9 +168,9 @@ def _dispatch(parser: argparse.ArgumentParser, options: argparse.Namespace) -> i
     if options.command == "images":
         if options.images_command:
             return cli_local.manage_images(options)
-        return cli_remote.images(Client(options.url, options.token), options)
+        return cli_remote.images(_client(options), options)
     handler = REMOTE_COMMANDS[options.command]
-    return handler(Client(options.url, options.token), options)
+    return handler(_client(options), options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

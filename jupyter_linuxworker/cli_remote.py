@@ -89,7 +89,9 @@ def stop(client: Client, options: argparse.Namespace) -> int:
 def delete(client: Client, options: argparse.Namespace) -> int:
     """Delete an ended job."""
     client.delete(options.job_id)
-    if not options.json:
+    if options.json:
+        _print_json({"id": options.job_id, "deleted": True})
+    else:
         print(f"Deleted job {options.job_id}")
     return EXIT_OK
 

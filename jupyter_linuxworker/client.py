@@ -51,6 +51,7 @@ class ServerInfo:
 
     url: str
     token: str
+    note: str = ""
 
 
 def _runtime_dir() -> str:
@@ -79,12 +80,17 @@ def _runtime_servers() -> list[dict[str, Any]]:
 def discover(url: str | None = None, token: str | None = None) -> ServerInfo:
     """Return where the API is; raise LinuxWorkerError naming what was tried."""
     if url:
-        api = (
-            url
-            if url.rstrip("/").endswith(API_PATH.rstrip("/"))
-            else url.rstrip("/") + "/" + API_PATH
-        )
-        return ServerInfo(api.rstrip("/") + "/", token or "")
+        api = url.rstrip("/") + "/"
+        if not api.endswith(API_PATH):
+            api += API_PATH
+        if not token:
+            # The runtime file of a server at that URL holds its token.
+            for info in _runtime_servers():
+                base = info.get("url", "").rstrip("/") + "/"
+                if api.startswith(base):
+                    token = info.get("token", "")
+                    break
+        return ServerInfo(api, token or "")
     if os.environ.get(URL_ENV):
         return ServerInfo(
             os.environ[URL_ENV].rstrip("/") + "/", token or os.environ.get(TOKEN_ENV, "")
@@ -95,7 +101,13 @@ def discover(url: str | None = None, token: str | None = None) -> ServerInfo:
     servers.sort(key=lambda info: str(info.get("pid")) != parent)
     for info in servers:
         base = info.get("url", "").rstrip("/") + "/"
-        return ServerInfo(base + API_PATH, token or info.get("token", ""))
+        note = ""
+        if len(servers) > 1 and str(info.get("pid")) != parent:
+            note = (
+                f"{len(servers)} Jupyter servers are running; using the newest, {base} "
+                "(choose one with --url)"
+            )
+        return ServerInfo(base + API_PATH, token or info.get("token", ""), note)
     raise LinuxWorkerError(
         f"no Jupyter server found: set {URL_ENV} and {TOKEN_ENV}, pass --url and --token, "
         f"or start a server (no runtime file in {_runtime_dir()})"
@@ -233,7 +245,7 @@ class Client:
         """Return one page of jobs, newest first, with ``next_cursor`` for the next page."""
         params: dict[str, Any] = {"limit": limit}
         if status:
-            params["status"] = status
+            params["status"] = status.upper()
         if cursor:
             params["cursor"] = cursor
         data: dict[str, Any] = self._json("GET", "jobs", params=params)
@@ -306,6 +318,8 @@ def _api_error(status: int, data: bytes) -> LinuxWorkerError:
             data.decode(errors="replace").strip() or http.client.responses.get(status, ""),
             None,
         )
+    if status == 403:
+        message += "; check the token (pass --token, or let the server's runtime file provide it)"
     return LinuxWorkerError(f"{message} (HTTP {status})", status, field)
 
 

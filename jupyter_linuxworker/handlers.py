@@ -5,6 +5,8 @@ from __future__ import annotations
 import codecs
 import hmac
 import json
+import math
+import re
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from jupyter_server.auth.decorator import authorized
@@ -18,7 +20,7 @@ from .sandbox import outputlog
 from .sandbox.images import ImageError
 from .sandbox.manager import JobConflict, JobNotFound
 from .sandbox.spec import SpecError
-from .sandbox.store import MAX_PAGE_SIZE, JobRecord, JobStatus
+from .sandbox.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, JobRecord, JobStatus, iso_time
 
 if TYPE_CHECKING:
     from .server_ext import LinuxWorkerApp
@@ -29,8 +31,19 @@ API_PREFIX: Final = "linuxworker/api"
 JOB_ID_REGEX: Final = r"(?P<job_id>[^/]+)"
 SSE_CONTENT_TYPE: Final = "text/event-stream"
 OCTET_STREAM: Final = "application/octet-stream"
+MAX_GRACE: Final = 3600.0
+MAX_INT: Final = 2**63 - 1  # SQLite's largest integer
+DIGITS: Final = re.compile(r"[0-9]+")
 MIN_ID_PREFIX: Final = 8
 FULL_ID_LENGTH: Final = 32
+
+
+class InvalidArgument(web.HTTPError):
+    """A 400 for one bad query argument or body field, which the JSON error names."""
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        super().__init__(400, f"{field}: invalid value {value!r}: {allowed}")
+        self.field = field
 
 
 class LinuxWorkerHandler(ExtensionHandlerMixin, APIHandler):
@@ -82,7 +95,12 @@ class LinuxWorkerHandler(ExtensionHandlerMixin, APIHandler):
         try:
             record = self.app.manager.get(job_id)
         except JobNotFound:
-            raise web.HTTPError(404, f"job {job_id!r} not found") from None
+            hint = ""
+            if len(job_id) < MIN_ID_PREFIX:
+                hint = (
+                    f"; give the 32-digit id or a unique prefix of {MIN_ID_PREFIX} or more digits"
+                )
+            raise web.HTTPError(404, f"job {job_id!r} not found{hint}") from None
         if record.owner != self.owner and not self.is_admin:
             # Someone else's job is reported as missing, so its id reveals nothing.
             raise web.HTTPError(404, f"job {job_id!r} not found")
@@ -104,7 +122,32 @@ class LinuxWorkerHandler(ExtensionHandlerMixin, APIHandler):
                 {"message": str(error), "reason": "invalid spec", "field": error.field}, 400
             )
             return
+        if isinstance(error, InvalidArgument):
+            message = error.log_message or ""
+            self.write_json(
+                {"message": message, "reason": "invalid argument", "field": error.field}, 400
+            )
+            return
+        if status_code == 405:
+            allowed = [m for m in self.SUPPORTED_METHODS if type(self).__dict__.get(m.lower())]
+            self.set_header("Allow", ", ".join(allowed))
         super().write_error(status_code, **kwargs)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Log a rejected spec as one warning line; anything else as jupyter_server does."""
+        if isinstance(value, SpecError):
+            self.log.warning("linuxworker: rejected job spec from %s: %s", self.owner, value)
+            return
+        super().log_exception(typ, value, tb)
+
+    def json_body(self) -> Any:
+        """Return the request's JSON body (None when empty); 400 when it is not valid JSON."""
+        if not self.request.body:
+            return None
+        try:
+            return json.loads(self.request.body)
+        except ValueError as error:
+            raise web.HTTPError(400, f"the request body is not valid JSON: {error}") from None
 
 
 def _request_token(header: str) -> str:
@@ -112,18 +155,22 @@ def _request_token(header: str) -> str:
     return value.strip() if scheme.lower() in ("token", "bearer") else ""
 
 
-def _int_argument(handler: web.RequestHandler, name: str, default: int, minimum: int = 0) -> int:
+def _int_argument(
+    handler: web.RequestHandler, name: str, default: int, minimum: int = 0, maximum: int = MAX_INT
+) -> int:
     text = handler.get_argument(name, None)
     if text is None:
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise web.HTTPError(
-            400, f"{name}: invalid value {text!r}: expected a whole number"
-        ) from None
-    if value < minimum:
-        raise web.HTTPError(400, f"{name}: invalid value {text!r}: expected {minimum} or more")
+    if not DIGITS.fullmatch(text) or not minimum <= int(text) <= maximum:
+        raise InvalidArgument(name, text, f"expected a whole number from {minimum} to {maximum}")
+    return int(text)
+
+
+def _choice_argument(handler: web.RequestHandler, name: str, choices: tuple[str, ...]) -> str:
+    value = handler.get_argument(name, choices[0])
+    if value not in choices:
+        expected = " or ".join(repr(choice) for choice in choices)
+        raise InvalidArgument(name, value, f"expected {expected}")
     return value
 
 
@@ -135,16 +182,13 @@ class JobsHandler(LinuxWorkerHandler):
     async def get(self) -> None:
         """List the user's jobs, newest first, ``limit`` at a time after ``cursor``."""
         statuses = []
-        for text in self.get_arguments("status"):
-            for name in text.split(","):
-                try:
-                    statuses.append(JobStatus(name.strip().upper()))
-                except ValueError:
-                    allowed = ", ".join(status.value for status in JobStatus)
-                    raise web.HTTPError(
-                        400, f"status: invalid value {name!r}: expected one of {allowed}"
-                    ) from None
-        limit = min(_int_argument(self, "limit", 50, minimum=1), MAX_PAGE_SIZE)
+        for name in self.get_arguments("status"):
+            try:
+                statuses.append(JobStatus(name))
+            except ValueError:
+                allowed = ", ".join(status.value for status in JobStatus)
+                raise InvalidArgument("status", name, f"expected one of {allowed}") from None
+        limit = _int_argument(self, "limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=MAX_PAGE_SIZE)
         cursor = self.get_argument("cursor", None)
         before = None if cursor is None else _int_argument(self, "cursor", 0, minimum=1)
         owner = None if self.is_admin else self.owner
@@ -159,10 +203,7 @@ class JobsHandler(LinuxWorkerHandler):
     @authorized
     async def post(self) -> None:
         """Submit a job: 201 with the job, 400 naming a bad field, 429 past the running limit."""
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError as error:
-            raise web.HTTPError(400, f"the request body is not valid JSON: {error}") from None
+        body = self.json_body()
         running = self.app.manager.list(
             statuses=(JobStatus.PENDING, JobStatus.RUNNING), owner=self.owner, limit=MAX_PAGE_SIZE
         )
@@ -207,12 +248,20 @@ class StopHandler(LinuxWorkerHandler):
     async def post(self, job_id: str) -> None:
         """Stop the job (SIGTERM, then SIGKILL after ``grace`` seconds); return it once ended."""
         job_id = self.get_job(job_id).id
-        body = json.loads(self.request.body or b"{}") if self.request.body else {}
-        grace = body.get("grace") if isinstance(body, dict) else None
+        body = self.json_body()
+        body = {} if body is None else body
+        if not isinstance(body, dict) or set(body) - {"grace"}:
+            raise web.HTTPError(
+                400, f'invalid body {body!r}: expected {{}} or {{"grace": seconds}}'
+            )
+        grace = body.get("grace")
         if grace is not None and (
-            isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0
+            isinstance(grace, bool)
+            or not isinstance(grace, int | float)
+            or not math.isfinite(grace)
+            or not 0 <= grace <= MAX_GRACE
         ):
-            raise web.HTTPError(400, f"grace: invalid value {grace!r}: expected 0 or more seconds")
+            raise InvalidArgument("grace", grace, f"expected 0 to {MAX_GRACE:g} seconds")
         record = await self.app.manager.stop(job_id, grace=grace)
         self.write_json(record.to_dict())
 
@@ -226,7 +275,12 @@ class StatsHandler(LinuxWorkerHandler):
         """Return the job's usage: live while it runs, final once it has ended."""
         record = self.get_job(job_id)
         self.write_json(
-            {"id": record.id, "status": record.status.value, **self.app.manager.stats(record.id)}
+            {
+                "id": record.id,
+                "status": record.status.value,
+                **self.app.manager.stats(record.id),
+                "limits": self.app.manager.limits(record.id),
+            }
         )
 
 
@@ -239,10 +293,9 @@ class OutputHandler(LinuxWorkerHandler):
         """Send output from ``offset``; with ``follow=1`` keep sending until the job has ended."""
         job_id = self.get_job(job_id).id
         offset = _int_argument(self, "offset", 0)
-        follow = self.get_argument("follow", "0") in ("1", "true", "yes")
-        sse = self.get_argument(
-            "format", ""
-        ) == "sse" or SSE_CONTENT_TYPE in self.request.headers.get("Accept", "")
+        follow = _choice_argument(self, "follow", ("0", "1")) == "1"
+        output_format = _choice_argument(self, "format", ("raw", "sse"))
+        sse = output_format == "sse" or SSE_CONTENT_TYPE in self.request.headers.get("Accept", "")
 
         if sse:
             await self._send_events(job_id, offset, follow)
@@ -282,7 +335,10 @@ class OutputHandler(LinuxWorkerHandler):
                 self.write(f"event: output\ndata: {json.dumps(event)}\n\n")
                 await self.flush()
             record = self.get_job(job_id)
-            self.write(f"event: end\ndata: {json.dumps(record.to_dict())}\n\n")
+            # Without follow the stream stops at the end of what is written so far; "end" is
+            # sent only when the job has ended too, "status" otherwise.
+            kind = "end" if record.status.ended else "status"
+            self.write(f"event: {kind}\ndata: {json.dumps(record.to_dict())}\n\n")
             await self.flush()
         except StreamClosedError:
             return
@@ -309,7 +365,12 @@ class ImagesHandler(LinuxWorkerHandler):
             images = self.app.manager.images.list()
         except ImageError as error:
             raise web.HTTPError(500, str(error)) from None
-        self.write_json({"images": [image.to_dict() for image in images]})
+        listed = []
+        for image in images:
+            data = image.to_dict()
+            data["created_at"] = iso_time(image.created_at)
+            listed.append(data)
+        self.write_json({"images": listed})
 
 
 class OpenAPIHandler(LinuxWorkerHandler):

@@ -28,6 +28,10 @@ OPTION_OF_FIELD: Final = {
     "io_write_iops": "--io-write-iops",
     "io_devices": "--io-device",
     "network": "--network",
+    "status": "--status",
+    "offset": "--offset",
+    "limit": "--limit",
+    "grace": "--grace",
 }
 
 

@@ -76,7 +76,7 @@ def test_spec_round_trip() -> None:
 @pytest.mark.parametrize(
     ("data", "field", "fragment"),
     [
-        ({}, "command", "expected a shell command string or a non-empty argv list"),
+        ({}, "command", "give a shell command string or an argv list"),
         ({"command": "  "}, "command", "non-empty"),
         ({"command": []}, "command", "non-empty argv"),
         ({"command": "x", "image": "../etc"}, "image", "lowercase letters"),
@@ -104,7 +104,10 @@ def test_bad_field_is_named(data: dict[str, object], field: str, fragment: str) 
     with pytest.raises(SpecError) as caught:
         JobSpec.from_dict(data)
     assert caught.value.field == field
-    assert str(caught.value).startswith(f"{field}: invalid value ")
+    if data:
+        assert str(caught.value).startswith(f"{field}: invalid value ")
+    else:
+        assert str(caught.value) == "command: missing: give a shell command string or an argv list"
     assert fragment in str(caught.value)
 
 

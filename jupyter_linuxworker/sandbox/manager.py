@@ -210,7 +210,7 @@ class JobManager:
 
         # Cgroups left by a job of ours that is known to have ended, for example after a crash.
         for job_id in self.cgroups.job_ids():
-            known = self.store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
+            known = self.store.get(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
             if known is not None and known.status.ended:
                 log.info("job %s: removing the cgroup it left behind", job_id)
                 self._remove_cgroup(job_id)
@@ -318,10 +318,19 @@ class JobManager:
     def stats(self, job_id: str) -> dict[str, Any]:
         """Return the job's resource usage: live while it runs, final once it has ended."""
         record = self.get(job_id)
-        if record.status.ended:
-            return dict(record.usage)
-        usage = self.cgroups.for_job(job_id).usage()
-        return usage if any(v is not None for v in usage.values()) else dict(record.usage)
+        usage = dict(record.usage)
+        if not record.status.ended:
+            live = self.cgroups.for_job(job_id).usage()
+            if any(value is not None for value in live.values()):
+                usage = live
+        return usage
+
+    def limits(self, job_id: str) -> dict[str, Any]:
+        """Return the limits the job runs under, defaults included."""
+        self.get(job_id)
+        launch = jobdir.read_json(os.path.join(self._job_dir(job_id), jobdir.LAUNCH_FILE)) or {}
+        limits: dict[str, Any] = launch.get("limits", {})
+        return limits
 
     def _spawn_supervisor(self, job_dir: str) -> int:
         log_path = os.path.join(job_dir, jobdir.SUPERVISOR_LOG)
@@ -343,7 +352,7 @@ class JobManager:
     # -- reading ----------------------------------------------------------------------------
 
     def _job_dir(self, job_id: str) -> str:
-        if not JOB_ID_PATTERN.match(job_id):
+        if not JOB_ID_PATTERN.fullmatch(job_id):
             raise JobNotFound(f"job {job_id!r} not found: a job id is 32 hexadecimal digits")
         return os.path.join(self.jobs_dir, job_id)
 
@@ -541,8 +550,9 @@ class JobManager:
         if state is None:
             return record
 
+        status = JobStatus(state["status"])
         updated = record.with_changes(
-            status=JobStatus(state["status"]),
+            status=status,
             started_at=state.get("started_at"),
             ended_at=state.get("ended_at"),
             exit_code=state.get("exit_code"),
@@ -563,6 +573,9 @@ class JobManager:
                     updated.detail or "exit code 0",
                 )
                 self._untrack(record.id)
+        if not updated.status.ended:
+            # The log grows on every write: report its size without storing each change.
+            return updated.with_changes(output_size=outputlog.log_size(job_dir))
         return updated
 
     def _supervisor_alive(self, job_id: str) -> bool:

@@ -40,6 +40,9 @@ _ENV_NAME_PATTERN: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_DESTINATIONS: Final = ("/proc", "/dev", "/sys")
 
 
+MISSING: Final = object()
+
+
 class SpecError(ValueError):
     """An invalid job spec field: ``field`` names it, and the message states what is allowed."""
 
@@ -47,6 +50,9 @@ class SpecError(ValueError):
         self.field = field_name
         self.value = value
         self.allowed = allowed
+        if value is MISSING:
+            super().__init__(f"{field_name}: missing: {allowed}")
+            return
         shown = repr(value)
         if len(shown) > 200:
             shown = shown[:200] + "..."
@@ -141,9 +147,10 @@ class JobSpec:
                     key, data[key], f"unknown field; known fields: {', '.join(sorted(known))}"
                 )
 
-        limits_data = dict(data.get("limits") or {})
-        if not isinstance(limits_data, dict):
-            raise SpecError("limits", data.get("limits"), "expected an object")
+        raw_limits = data.get("limits")
+        if raw_limits is not None and not isinstance(raw_limits, dict):
+            raise SpecError("limits", raw_limits, "expected an object of limit fields")
+        limits_data = dict(raw_limits or {})
         # Limits may also be given at the top level, as the command line and magics do.
         for limit_field in fields(Limits):
             if limit_field.name in data and data[limit_field.name] is not None:
@@ -153,19 +160,27 @@ class JobSpec:
         return cls(
             command=command,
             image=_check_image(data.get("image", DEFAULT_IMAGE)),
-            env=_check_env(data.get("env") or {}),
+            env=_check_env(_or_default(data, "env", {})),
             workdir=_check_container_path("workdir", data.get("workdir", DEFAULT_WORKDIR)),
             name=_check_name(data.get("name"), command),
             timeout=_check_timeout(data.get("timeout")),
             output_cap=_check_output_cap(data.get("output_cap")),
-            volumes=_check_volumes(data.get("volumes") or ()),
+            volumes=_check_volumes(_or_default(data, "volumes", ())),
             network=_check_network(data.get("network", "none")),
             limits=_check_limits(limits_data),
-            io_devices=_check_io_devices(data.get("io_devices") or ()),
+            io_devices=_check_io_devices(_or_default(data, "io_devices", ())),
         )
 
 
+def _or_default(data: dict[str, Any], key: str, default: object) -> object:
+    """Return ``data[key]``, or ``default`` when it is missing or null (not when it is empty)."""
+    value = data.get(key)
+    return default if value is None else value
+
+
 def _check_command(value: object) -> str | tuple[str, ...]:
+    if value is None:
+        raise SpecError("command", MISSING, "give a shell command string or an argv list")
     if isinstance(value, str):
         if not value.strip():
             raise SpecError("command", value, "expected a non-empty shell command")
@@ -178,7 +193,9 @@ def _check_command(value: object) -> str | tuple[str, ...]:
             )
         return value
     if isinstance(value, list | tuple) and value and all(isinstance(arg, str) for arg in value):
-        if any("\0" in arg for arg in value) or not value[0]:
+        if not value[0]:
+            raise SpecError("command", value, "the program name (the first item) is empty")
+        if any("\0" in arg for arg in value):
             raise SpecError("command", value, "expected an argv list without NUL bytes")
         return tuple(value)
     raise SpecError("command", value, "expected a shell command string or a non-empty argv list")
@@ -232,9 +249,7 @@ def _check_timeout(value: object) -> float | None:
     try:
         seconds = parse_duration(value)  # type: ignore[arg-type]
     except (UnitError, TypeError):
-        raise SpecError(
-            "timeout", value, f"expected more than 0 seconds: {DURATION_HELP}"
-        ) from None
+        raise SpecError("timeout", value, f"expected {DURATION_HELP}") from None
     if seconds <= 0 or seconds > MAX_TIMEOUT_SECONDS:
         raise SpecError(
             "timeout", value, f"expected more than 0 and at most {MAX_TIMEOUT_SECONDS:.0f} seconds"
@@ -342,6 +357,6 @@ def _check_limit(name: str, value: Any) -> int | float:
         raise SpecError(name, value, f"expected {unit}") from None
     minimum = {"memory": MIN_MEMORY, "disk": MIN_DISK}.get(name, 1)
     if amount < minimum:
-        shown = f"{minimum // 1024**2}M" if minimum >= 1024**2 else "0"
+        shown = f"{minimum // 1024**2}M" if minimum >= 1024**2 else str(minimum)
         raise SpecError(name, value, f"expected at least {shown}")
     return amount

@@ -55,7 +55,8 @@ class JobStatus(enum.StrEnum):
         return self not in (JobStatus.PENDING, JobStatus.RUNNING)
 
 
-def _iso(timestamp: float | None) -> str | None:
+def iso_time(timestamp: float | None) -> str | None:
+    """Return ``timestamp`` (seconds since the epoch) as an ISO 8601 UTC string."""
     if timestamp is None:
         return None
     return (
@@ -114,9 +115,9 @@ class JobRecord:
             "signal": self.signal,
             "reason": self.reason,
             "detail": self.detail,
-            "created_at": _iso(self.created_at),
-            "started_at": _iso(self.started_at),
-            "ended_at": _iso(self.ended_at),
+            "created_at": iso_time(self.created_at),
+            "started_at": iso_time(self.started_at),
+            "ended_at": iso_time(self.ended_at),
             "output_size": self.output_size,
             "output_truncated": self.output_truncated,
             "usage": self.usage,
