@@ -57,6 +57,7 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
         help="bind-mount host folder SRC at DEST, read-only with :ro (repeatable)",
     )
     parser.add_argument("--timeout", help="stop the job after this long (seconds, or 90s, 5m, 1h)")
+    parser.add_argument("--network", help="the job's network: 'none', only loopback (the default)")
     parser.add_argument(
         "--output-cap", help="keep at most this much output (such as 16M); the rest is dropped"
     )
@@ -105,6 +106,7 @@ def spec_from_options(options: argparse.Namespace, command: Sequence[str] | str)
         "io_read_iops": options.io_read_iops,
         "io_write_iops": options.io_write_iops,
         "io_devices": list(options.io_device) or None,
+        "network": options.network,
     }
     return {key: value for key, value in data.items() if value is not None}
 

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# gcc and libc6-dev build the static syscall probe that the seccomp tests run in a job.
-DEBIAN_PACKAGES=(busybox-static python3-venv iproute2 gcc libc6-dev)
+# gcc and libc6-dev build the static syscall probe that the seccomp tests run in a job;
+# chromium is the browser that the widget tests drive with Playwright.
+DEBIAN_PACKAGES=(busybox-static python3-venv iproute2 gcc libc6-dev chromium)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
