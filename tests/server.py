@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 START_TIMEOUT = 30.0
@@ -129,3 +135,42 @@ def request(
     if "json" in kind and raw:
         return status, json.loads(raw)
     return status, raw
+
+
+ADMIN_TOKEN = "admin-token"
+
+
+def all_jobs(state_dir: str) -> list[dict[str, str]]:
+    """Return the id and status of every job recorded in ``state_dir``."""
+    database = sqlite3.connect(os.path.join(state_dir, "jobs.sqlite"))
+    try:
+        rows = database.execute("SELECT id, status FROM jobs").fetchall()
+    finally:
+        database.close()
+    return [{"id": row[0], "status": row[1]} for row in rows]
+
+
+def assert_no_job_leftovers(state_dir: str) -> None:
+    """Assert that every job of ``state_dir`` has ended and left no cgroup."""
+    layout = CgroupLayout.detect()
+    for job in all_jobs(state_dir):
+        assert job["status"] not in ("PENDING", "RUNNING"), job
+        assert not layout.for_job(job["id"]).exists(), job
+
+
+@contextlib.contextmanager
+def running_server(base: Path, extra: Sequence[str] = ()) -> Iterator[ServerProcess]:
+    """Run a server in folder ``base``; at the end stop its jobs and it, and check leftovers."""
+    for name in ("state", "root", "runtime"):
+        (base / name).mkdir(exist_ok=True)
+    process = ServerProcess(
+        str(base / "state"), str(base / "root"), str(base / "runtime"), extra=list(extra)
+    ).start()
+    try:
+        yield process
+    finally:
+        for job in all_jobs(process.state_dir):
+            if job["status"] in ("PENDING", "RUNNING"):
+                request("POST", f"{process.api}jobs/{job['id']}/stop", ADMIN_TOKEN, {"grace": 0})
+        process.stop()
+    assert_no_job_leftovers(process.state_dir)

@@ -9,26 +9,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from server import ServerProcess
-from test_server import ADMIN, all_jobs, assert_no_job_leftovers, request
+from server import ServerProcess, running_server
 
 CLI = [sys.executable, "-m", "jupyter_linuxworker.cli"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    base = tmp_path_factory.mktemp("cli-server")
-    for name in ("state", "root", "runtime"):
-        (base / name).mkdir()
-    process = ServerProcess(str(base / "state"), str(base / "root"), str(base / "runtime")).start()
-    try:
+    with running_server(tmp_path_factory.mktemp("cli-server")) as process:
         yield process
-    finally:
-        for job in all_jobs(process.state_dir):
-            if job["status"] in ("PENDING", "RUNNING"):
-                request("POST", f"{process.api}jobs/{job['id']}/stop", ADMIN, {"grace": 0})
-        process.stop()
-    assert_no_job_leftovers(process.state_dir)
 
 
 def cli(

@@ -8,8 +8,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from server import ServerProcess
-from test_server import ADMIN, ALICE, all_jobs, assert_no_job_leftovers, request
+from server import ServerProcess, running_server
+from test_server import ALICE
 
 from jupyter_linuxworker.client import TOKEN_ENV, URL_ENV
 
@@ -19,18 +19,8 @@ CELL_TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    base = tmp_path_factory.mktemp("notebook-server")
-    for name in ("state", "root", "runtime"):
-        (base / name).mkdir()
-    process = ServerProcess(str(base / "state"), str(base / "root"), str(base / "runtime")).start()
-    try:
+    with running_server(tmp_path_factory.mktemp("notebook-server")) as process:
         yield process
-    finally:
-        for job in all_jobs(process.state_dir):
-            if job["status"] in ("PENDING", "RUNNING"):
-                request("POST", f"{process.api}jobs/{job['id']}/stop", ADMIN, {"grace": 0})
-        process.stop()
-    assert_no_job_leftovers(process.state_dir)
 
 
 def execute(name: str, server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -20,8 +20,8 @@ from schemathesis.specs.openapi.checks import (
     negative_data_rejection,
     positive_data_acceptance,
 )
-from server import ServerProcess, request
-from test_server import all_jobs, assert_no_job_leftovers, wait_ended
+from server import ServerProcess, request, running_server
+from test_server import wait_ended
 from tornado import web
 
 import jupyter_linuxworker
@@ -62,18 +62,8 @@ set_hypothesis_home_dir(HYPOTHESIS_HOME.name)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    base = tmp_path_factory.mktemp("openapi")
-    for name in ("state", "root", "runtime"):
-        (base / name).mkdir()
-    process = ServerProcess(str(base / "state"), str(base / "root"), str(base / "runtime")).start()
-    try:
+    with running_server(tmp_path_factory.mktemp("openapi")) as process:
         yield process
-    finally:
-        for job in all_jobs(process.state_dir):
-            if job["status"] in ("PENDING", "RUNNING"):
-                request("POST", f"{process.api}jobs/{job['id']}/stop", ADMIN, {"grace": 0})
-        process.stop()
-    assert_no_job_leftovers(process.state_dir)
 
 
 def submit(server: ServerProcess, body: dict[str, object]) -> str:

@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import os
 import socket
-import sqlite3
 import threading
 import time
 import urllib.parse
@@ -14,10 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import processes_with_cmdline
-from server import ServerProcess, request
+from server import ServerProcess, all_jobs, request, running_server
 
 from jupyter_linuxworker.client import AsyncClient, Client, LinuxWorkerError
-from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 
 ALICE = "alice-token"
 BOB = "bob-token"
@@ -27,39 +25,9 @@ MAX_RUNNING = 30
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    base = tmp_path_factory.mktemp("server")
-    for name in ("state", "root", "runtime"):
-        (base / name).mkdir()
-    process = ServerProcess(
-        str(base / "state"),
-        str(base / "root"),
-        str(base / "runtime"),
-        extra=[f"--LinuxWorkerApp.max_running_jobs_per_user={MAX_RUNNING}"],
-    ).start()
-    try:
+    extra = [f"--LinuxWorkerApp.max_running_jobs_per_user={MAX_RUNNING}"]
+    with running_server(tmp_path_factory.mktemp("server"), extra) as process:
         yield process
-    finally:
-        for job in all_jobs(process.state_dir):
-            if job["status"] in ("PENDING", "RUNNING"):
-                request("POST", f"{process.api}jobs/{job['id']}/stop", ADMIN, {"grace": 0})
-        process.stop()
-    assert_no_job_leftovers(process.state_dir)
-
-
-def all_jobs(state_dir: str) -> list[dict[str, str]]:
-    database = sqlite3.connect(os.path.join(state_dir, "jobs.sqlite"))
-    try:
-        rows = database.execute("SELECT id, status FROM jobs").fetchall()
-    finally:
-        database.close()
-    return [{"id": row[0], "status": row[1]} for row in rows]
-
-
-def assert_no_job_leftovers(state_dir: str) -> None:
-    layout = CgroupLayout.detect()
-    for job in all_jobs(state_dir):
-        assert job["status"] not in ("PENDING", "RUNNING"), job
-        assert not layout.for_job(job["id"]).exists(), job
 
 
 def submit(server: ServerProcess, body: dict[str, object], token: str = ALICE) -> dict[str, object]:

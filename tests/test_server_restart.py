@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from conftest import processes_with_cmdline
-from server import ServerProcess, request
-from test_server import ALICE, assert_no_job_leftovers, submit, wait_ended
+from server import ServerProcess, assert_no_job_leftovers, request
+from test_server import ALICE, submit, wait_ended
 
 from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 
