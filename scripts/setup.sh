@@ -22,9 +22,15 @@ if [ ! -x .venv/bin/python ]; then
   echo "Creating the virtual environment in .venv"
   "$PYTHON" -m venv .venv
 fi
-echo "Installing jupyter-linuxworker and its test tools into .venv"
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# The install is editable, so only a change of pyproject.toml needs pip again.
+stamp=.venv/.linuxworker-installed
+wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo "Installing jupyter-linuxworker and its test tools into .venv"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[test]'
+  echo "$wanted" > "$stamp"
+fi
 
 images_dir="${JUPYTER_LINUXWORKER_STATE_DIR:-/var/lib/jupyter-linuxworker}/images"
 if [ ! -f "$images_dir/default/image.json" ]; then
