@@ -3,7 +3,6 @@
 Example (as root)::
 
     import asyncio
-import builtins
     from jupyter_linuxworker.sandbox import JobManager
 
     async def main() -> None:
@@ -186,6 +185,11 @@ class JobManager:
         if self._store is not None:
             self._store.close()
             self._store = None
+        # Supervisors that already ended are our children: reap them so no zombie stays.
+        for pid in list(self._spawned):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    self._spawned.discard(pid)
 
     @property
     def store(self) -> JobStore:

@@ -1,0 +1,59 @@
+"""One REST follower: GET jobs/ID/output?follow=1 and count the bytes, for the output benchmarks.
+
+Usage: follower.py PORT TOKEN. The process connects first, then reads the job id as one line
+on stdin, so that its start-up is not timed. At the end it prints one JSON line with the byte
+count and CLOCK_MONOTONIC times (the same clock in every process): request sent, first byte,
+last byte, end of the response.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+
+BUFFER_SIZE = 1024 * 1024
+
+
+def main(argv: list[str]) -> int:
+    port, token = int(argv[1]), argv[2]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    connection.connect()
+    job_id = sys.stdin.readline().strip()
+
+    requested = time.monotonic()
+    connection.request(
+        "GET",
+        f"/linuxworker/api/jobs/{job_id}/output?follow=1",
+        headers={"Authorization": f"token {token}"},
+    )
+    response = connection.getresponse()
+
+    buffer = bytearray(BUFFER_SIZE)
+    count = 0
+    first = last = None
+    while True:
+        size = response.readinto(buffer)
+        if not size:
+            break
+        last = time.monotonic()
+        if first is None:
+            first = last
+        count += size
+    ended = time.monotonic()
+
+    result = {
+        "status": response.status,
+        "bytes": count,
+        "requested": requested,
+        "first": first,
+        "last": last,
+        "ended": ended,
+    }
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

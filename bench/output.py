@@ -1,0 +1,182 @@
+"""Output: 1 GiB through a job to REST followers, next to a file write and a plain pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from common import BENCH_DIR, GIB, Api, Samples
+
+# The producer is busybox dd with 1 MiB blocks, the same binary in the job and on the host
+# (the image's /bin/busybox). The image's busybox head rejects "1G" and copies 4 KiB at a
+# time, which caps it near 150 MB/s on a 2-core test machine. It is measured once, as
+# HEAD_COMMAND.
+PRODUCE = "dd if=/dev/zero bs=1M count=1024 2>/dev/null"
+JOB_COMMAND = PRODUCE
+HEAD_COMMAND = f"head -c {GIB} /dev/zero"
+OUTPUT_CAP = "2G"
+
+
+def host_command(busybox: str, command: str) -> str:
+    """Return ``command`` with the image's busybox as the producer, to run on the host."""
+    return f"{busybox} {command}"
+
+
+def file_write_command(busybox: str, path: str) -> str:
+    return f"{host_command(busybox, PRODUCE)} > {path}"
+
+
+def pipe_command(busybox: str) -> str:
+    return f"{host_command(busybox, PRODUCE)} | cat > /dev/null"
+
+
+@dataclass
+class OutputResults:
+    runs: int = 0
+    many_runs: int = 0
+    followers: int = 0
+    file_write: Samples = field(default_factory=Samples)
+    pipe: Samples = field(default_factory=Samples)
+    one_follower: Samples = field(default_factory=Samples)  # seconds from POST to the last byte
+    one_follower_end: Samples = field(default_factory=Samples)  # seconds to the response's end
+    one_follower_job: Samples = field(default_factory=Samples)  # the job's run time, its record
+    many_slowest: Samples = field(default_factory=Samples)  # the slowest follower of each run
+    many_each: Samples = field(default_factory=Samples)  # every follower of every run
+    many_job: Samples = field(default_factory=Samples)
+    # CPU seconds the server process spends per GiB delivered to one follower.
+    one_server_cpu: Samples = field(default_factory=Samples)
+    many_server_cpu: Samples = field(default_factory=Samples)
+    errors: list[str] = field(default_factory=list)
+    file_path: str = ""
+    head_pipe: float | None = None  # busybox head piped to cat on the host, seconds
+    head_one: float | None = None  # busybox head in a job to one follower, seconds
+
+
+def time_shell(command: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(["/bin/sh", "-c", command], check=True)
+    return time.perf_counter() - start
+
+
+class Followers:
+    """Follower processes, connected and waiting for a job id."""
+
+    def __init__(self, port: int, token: str, count: int) -> None:
+        script = os.path.join(BENCH_DIR, "follower.py")
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, script, str(port), token],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(count)
+        ]
+        # Give each one time to import and connect before the job starts.
+        time.sleep(0.5 + 0.05 * count)
+
+    def start(self, job_id: str) -> None:
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.write(job_id + "\n")
+            process.stdin.close()
+
+    def results(self, timeout: float = 600) -> list[dict[str, Any]]:
+        found = []
+        for process in self.processes:
+            assert process.stdout is not None
+            output = process.stdout.read()
+            process.wait(timeout=timeout)
+            found.append(json.loads(output) if output.strip() else {"status": process.returncode})
+        return found
+
+
+def job_seconds(job: dict[str, Any]) -> float | None:
+    if not job.get("started_at") or not job.get("ended_at"):
+        return None
+    started = datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
+    ended = datetime.fromisoformat(job["ended_at"].replace("Z", "+00:00"))
+    return (ended - started).total_seconds()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """Return the user + system CPU time of process ``pid`` itself, children not included."""
+    with open(f"/proc/{pid}/stat", "rb") as file:
+        stat = file.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stream_once(
+    api: Api, command: str, count: int, results: OutputResults, server_pid: int
+) -> list[dict[str, Any]] | None:
+    """Run a 1 GiB job with ``count`` followers; return their reports, timed from the POST."""
+    followers = Followers(api.port, api.token, count)
+    cpu_before = process_cpu_seconds(server_pid)
+    posted = time.monotonic()
+    job = api.submit({"command": command, "output_cap": OUTPUT_CAP, "name": "bench-output"})
+    followers.start(job["id"])
+    reports = followers.results()
+    server_cpu = process_cpu_seconds(server_pid) - cpu_before
+    _status, record = api.request("GET", f"jobs/{job['id']}")
+    api.delete(job["id"])
+    for report in reports:
+        if report.get("status") != 200 or report.get("bytes") != GIB:
+            results.errors.append(
+                f"job {job['id']} ({command}): a follower got {report.get('bytes')} bytes "
+                f"(HTTP {report.get('status')}), expected {GIB}"
+            )
+            return None
+        report["to_last_byte"] = report["last"] - posted
+        report["to_end"] = report["ended"] - posted
+        report["job_seconds"] = job_seconds(record)
+        report["server_cpu_per_gib"] = server_cpu / count
+    return reports
+
+
+def run(
+    api: Api,
+    server_pid: int,
+    state_dir: str,
+    busybox: str,
+    runs: int,
+    many_runs: int,
+    followers: int,
+) -> OutputResults:
+    """Alternate the file write, the pipe, one follower and ``followers`` followers."""
+    results = OutputResults(runs=runs, many_runs=many_runs, followers=followers)
+    results.file_path = os.path.join(state_dir, "bench-write-test")
+    for index in range(runs):
+        results.file_write.add(time_shell(file_write_command(busybox, results.file_path)))
+        os.remove(results.file_path)
+        results.pipe.add(time_shell(pipe_command(busybox)))
+        reports = stream_once(api, JOB_COMMAND, 1, results, server_pid)
+        if reports:
+            results.one_follower.add(reports[0]["to_last_byte"])
+            results.one_follower_end.add(reports[0]["to_end"])
+            if reports[0]["job_seconds"] is not None:
+                results.one_follower_job.add(reports[0]["job_seconds"])
+            results.one_server_cpu.add(reports[0]["server_cpu_per_gib"])
+        if index < many_runs:
+            reports = stream_once(api, JOB_COMMAND, followers, results, server_pid)
+            if reports:
+                times = [report["to_last_byte"] for report in reports]
+                results.many_slowest.add(max(times))
+                for value in times:
+                    results.many_each.add(value)
+                if reports[0]["job_seconds"] is not None:
+                    results.many_job.add(reports[0]["job_seconds"])
+                results.many_server_cpu.add(reports[0]["server_cpu_per_gib"])
+
+    # `head -c` as the producer, once, in the job and on the host: slow, but a common command.
+    results.head_pipe = time_shell(f"{host_command(busybox, HEAD_COMMAND)} | cat > /dev/null")
+    reports = stream_once(api, HEAD_COMMAND, 1, results, server_pid)
+    if reports:
+        results.head_one = reports[0]["to_last_byte"]
+    return results

@@ -1,0 +1,486 @@
+"""Write BENCHMARKS.md from the results of one harness run."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+import output as output_bench
+import scale as scale_bench
+import stop as stop_bench
+from common import GIB, MB, LoadWindow, Samples, ms, table, verdict
+from peers import bwrap_argv, unshare_argv
+from start import COMMAND, ENGINE, PEER_COMMAND, StartResults
+
+# The project's targets.
+START_BWRAP_FACTOR = 1.5
+REST_OVERHEAD_MS = 3.0
+FOLLOWER_SHARE_OF_FILE_WRITE = 0.5
+MANY_FOLLOWERS_FACTOR = 3.0
+STARTS_PER_SECOND = 100.0
+HOST_MEMORY_PER_JOB = 3 * MB
+GET_P99_MS = 20.0
+STOP_ON_TERM_MS = 50.0
+STOP_IGNORED_EXTRA_MS = 100.0
+
+
+@dataclass
+class Run:
+    """Everything one harness run found, section by section."""
+
+    date: str = ""
+    command_line: str = ""
+    duration: float = 0.0
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    busiest_before: list[tuple[str, float]] = field(default_factory=list)
+    busiest_after: list[tuple[str, float]] = field(default_factory=list)
+    load_before: str = ""
+    load_after: str = ""
+    rootfs: str = ""
+    bundle: str = ""
+    crun_note: str = ""
+    windows: dict[str, LoadWindow] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    start: StartResults | None = None
+    timeline: dict[str, Any] | None = None
+    output: output_bench.OutputResults | None = None
+    scale: scale_bench.ScaleResults | None = None
+    stop: stop_bench.StopResults | None = None
+    targets: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def rate(seconds: float) -> str:
+    """Format the rate of 1 GiB in ``seconds`` as MB/s (MB = 10^6 bytes)."""
+    return f"{GIB / seconds / MB:.0f}"
+
+
+def spread(samples: Samples, low: float = 10, high: float = 90) -> str:
+    return f"{samples.p(low):.2f} / {samples.p(high):.2f}"
+
+
+def shell(argv: list[str]) -> str:
+    return shlex.join(argv)
+
+
+def _section_load(run: Run, name: str) -> str:
+    window = run.windows.get(name)
+    return f"Machine load: {window.describe()}." if window else ""
+
+
+def _start_section(run: Run, lines: list[str]) -> None:
+    results = run.start
+    lines.append("## 1. Start: submit to the first output byte of `echo hi`\n")
+    if results is None:
+        lines.append(f"Not measured: {run.errors.get('start', 'skipped')}\n")
+        return
+    lines.append(
+        f"{results.rounds} rounds after {results.warmup} warm-up rounds. Each round runs every "
+        "method once, so that a change in load reaches all of them, in a random order of its "
+        "own. Times are from the first call to the first stdout byte read by the harness.\n"
+    )
+    lines.append(_section_load(run, "start") + "\n")
+    rows: list[tuple[object, ...]] = []
+    for name, samples in results.samples.items():
+        if samples.count:
+            rows.append((name, ms(samples.p(50)), ms(samples.p(90)), samples.count))
+        else:
+            rows.append((name, "-", "-", f"0 ({results.failures.get(name, 'no runs')})"))
+    lines.append(table(("method", "p50 ms", "p90 ms", "runs"), rows) + "\n")
+
+    engine = results.samples[ENGINE]
+    rest = results.samples["REST"]
+    bwrap = results.samples["bwrap"]
+    crun = results.samples["crun"]
+    ratio_rows = []
+    if engine.count and bwrap.count:
+        ratio = engine.p(50) / bwrap.p(50)
+        ratio_rows.append(("engine / bwrap, p50", f"{ratio:.1f}x"))
+        met = ratio <= START_BWRAP_FACTOR
+        run.targets.append(("start: engine p50 at most 1.5x bwrap", f"{ratio:.1f}x", verdict(met)))
+    if engine.count and crun.count:
+        ratio = engine.p(50) / crun.p(50)
+        ratio_rows.append(("engine / crun, p50", f"{ratio:.1f}x"))
+        run.targets.append(
+            ("start: engine p50 below crun", f"{ratio:.1f}x crun", verdict(ratio < 1))
+        )
+    else:
+        run.targets.append(("start: engine p50 below crun", "crun did not run", verdict(None)))
+    if engine.count and rest.count:
+        extra = (rest.p(50) - engine.p(50)) * 1000
+        ratio_rows.append(("REST - engine, p50", f"{extra:.1f} ms"))
+        run.targets.append(
+            ("start: REST adds at most 3 ms", f"{extra:.1f} ms", verdict(extra <= REST_OVERHEAD_MS))
+        )
+    lines.append(table(("comparison (same run)", "value"), ratio_rows) + "\n")
+
+    lines.append("Commands:\n")
+    rootfs = run.rootfs
+    lines.append(
+        f'- engine (in-process): `await manager.submit({{"command": "{COMMAND}"}})`, then '
+        "`manager.follow(id)` until the first chunk; the job runs `/bin/sh -c 'echo hi'` in "
+        "the default image."
+    )
+    lines.append(
+        f'- REST: `POST jobs` with `{{"command": "{COMMAND}"}}`, then '
+        "`GET jobs/ID/output?follow=1` on a second keep-alive connection until the first byte "
+        "(Python's http.client)."
+    )
+    lines.append(f"- bwrap: `{shell(bwrap_argv(rootfs, PEER_COMMAND))}`")
+    lines.append(
+        f"- crun: `crun --root ROOT run --bundle {run.bundle} ID` inside "
+        "`unshare --mount --propagation private`; see the note below."
+    )
+    lines.append(f"- unshare + chroot: `{shell(unshare_argv(rootfs, PEER_COMMAND))}`")
+    lines.append(
+        f"- plain exec on the host: `{shell(PEER_COMMAND)}`, no isolation: Python's spawn cost."
+    )
+    lines.append(
+        "\nThe peers are started with `subprocess.Popen` and timed to the first byte read from "
+        "their stdout pipe. The engine does more than they do: a cgroup with limits, a user "
+        "namespace with an idmapped image, an overlay with a tmpfs layer, a seccomp filter, and "
+        "a supervisor that records the job. bwrap creates no cgroup; crun creates one and sets "
+        "the same memory and pids limits, but no user namespace.\n"
+    )
+    if run.crun_note:
+        lines.append(run.crun_note + "\n")
+
+    lines.append(
+        f"GET jobs/ID of one running job on the otherwise idle server ({results.idle_get.count} "
+        f"requests, one keep-alive connection): p50 {ms(results.idle_get.p(50))} ms, "
+        f"p99 {ms(results.idle_get.p(99))} ms. This is the baseline of section 3.\n"
+    )
+
+    timeline = run.timeline
+    if timeline:
+        lines.append("### Where the engine's start time goes\n")
+        lines.append(
+            f"Median of each step over {timeline['runs']} `echo hi` jobs, in the order they "
+            "happen on the way to the first byte. The manager is pointed at "
+            "`bench/traced_supervisor.py`, which wraps the supervisor's, the container's and PID "
+            "1's steps and records CLOCK_MONOTONIC at each. Medians of steps do not add up "
+            "exactly to the median total.\n"
+        )
+        total = timeline["total"]
+        rows = [
+            (str(label), f"{seconds * 1000:.2f}", f"{seconds / total * 100:.0f}%")
+            for label, seconds in timeline["steps"]
+        ]
+        rows.append(("**total, submit to first chunk**", f"{total * 1000:.2f}", "100%"))
+        lines.append(table(("step", "median ms", "share"), rows) + "\n")
+        lines.append(
+            "Off the path above, in parallel with PID 1's set-up, the supervisor records RUNNING "
+            f"(writes and fsyncs state.json): median {timeline['running_record'] * 1000:.2f} ms.\n"
+        )
+
+
+def _output_section(run: Run, lines: list[str]) -> None:
+    results = run.output
+    lines.append("## 2. Output: 1 GiB through a job\n")
+    if results is None:
+        lines.append(f"Not measured: {run.errors.get('output', 'skipped')}\n")
+        return
+    lines.append(
+        f"{results.runs} runs of the file write, the pipe and one follower, and "
+        f"{results.many_runs} runs with {results.followers} followers, alternating. A follower's "
+        "time runs from the `POST jobs` to the last of the 1073741824 bytes it receives; every "
+        "follower must receive every byte. MB/s are 10^6 bytes per second, at the median time.\n"
+    )
+    lines.append(_section_load(run, "output") + "\n")
+    rows = [
+        ("write to a file in the state folder", results.file_write),
+        ("plain pipe", results.pipe),
+        ("job → REST, 1 follower", results.one_follower),
+        (f"job → REST, {results.followers} followers (slowest of each run)", results.many_slowest),
+        (f"job → REST, {results.followers} followers (every follower)", results.many_each),
+    ]
+    body = [
+        (name, f"{s.p(50):.2f}", spread(s), rate(s.p(50)) if s.count else "-", s.count)
+        for name, s in rows
+        if s.count
+    ]
+    lines.append(table(("path", "median s", "p10 / p90 s", "MB/s", "samples"), body) + "\n")
+    extra = []
+    if results.one_follower_end.count:
+        extra.append(
+            "One follower's response ends "
+            f"{results.one_follower_end.p(50) - results.one_follower.p(50):.2f} s "
+            "(median) after its last byte: the job has to be recorded as ended first, after the "
+            "supervisor fsyncs the log."
+        )
+    if results.one_follower_job.count:
+        extra.append(
+            "The job itself (started_at to ended_at of its record) took "
+            f"{results.one_follower_job.p(50):.2f} s "
+            f"(median) with one follower"
+            + (
+                f" and {results.many_job.p(50):.2f} s with {results.followers}."
+                if results.many_job.count
+                else "."
+            )
+        )
+    if results.one_server_cpu.count:
+        extra.append(
+            f"The server process used {results.one_server_cpu.p(50):.2f} s of CPU per GiB "
+            "delivered to one follower"
+            + (
+                f", and {results.many_server_cpu.p(50):.2f} s per GiB per follower with "
+                f"{results.followers} (medians)."
+                if results.many_server_cpu.count
+                else " (median)."
+            )
+        )
+    if results.head_one is not None and results.head_pipe is not None:
+        extra.append(
+            f"With `{output_bench.HEAD_COMMAND}` as the producer (one run each): "
+            f"{rate(results.head_one)} MB/s through a job to one follower, "
+            f"{rate(results.head_pipe)} MB/s through a plain pipe on the host. Busybox head "
+            "copies 4 KiB at a time, so it, not the engine, sets that pace."
+        )
+    lines.append(" ".join(extra) + "\n")
+
+    if results.one_follower.count and results.file_write.count:
+        share = results.file_write.p(50) / results.one_follower.p(50)
+        lines.append(
+            table(
+                ("comparison (same run)", "value"),
+                [
+                    ("1 follower / file write, rate", f"{share:.2f}"),
+                    (
+                        "1 follower / pipe, rate",
+                        f"{results.pipe.p(50) / results.one_follower.p(50):.2f}",
+                    ),
+                ]
+                + (
+                    [
+                        (
+                            f"slowest of {results.followers} followers / 1 follower, time",
+                            f"{results.many_slowest.p(50) / results.one_follower.p(50):.1f}x",
+                        )
+                    ]
+                    if results.many_slowest.count
+                    else []
+                ),
+            )
+            + "\n"
+        )
+        run.targets.append(
+            (
+                "output: 1 follower at least half the file-write rate",
+                f"{share:.2f} of it",
+                verdict(share >= FOLLOWER_SHARE_OF_FILE_WRITE),
+            )
+        )
+    if results.many_slowest.count and results.one_follower.count:
+        factor = results.many_slowest.p(50) / results.one_follower.p(50)
+        run.targets.append(
+            (
+                f"output: {results.followers} followers each get every byte in at most 3x "
+                "the 1-follower time",
+                f"{factor:.1f}x",
+                verdict(factor <= MANY_FOLLOWERS_FACTOR),
+            )
+        )
+    if results.errors:
+        lines.append("Errors: " + "; ".join(results.errors) + "\n")
+    lines.append("Commands:\n")
+    lines.append(
+        f'- job: `POST jobs` with `{{"command": "{output_bench.JOB_COMMAND}", '
+        f'"output_cap": "{output_bench.OUTPUT_CAP}"}}`; each follower is a process running '
+        "`bench/follower.py` (http.client, `GET jobs/ID/output?follow=1`, 1 MiB reads); the job "
+        "is deleted afterwards."
+    )
+    busybox = run.rootfs + "/bin/busybox"
+    write_command = output_bench.file_write_command(busybox, results.file_path)
+    lines.append(f"- file write: `{write_command}`, then the file is removed.")
+    lines.append(f"- pipe: `{output_bench.pipe_command(busybox)}`\n")
+    lines.append(
+        "The host commands run the image's own static busybox, so the producer is the same "
+        "program in and out of the job. `head -c 1G` is not used: the image's busybox head "
+        "rejects the `G` suffix.\n"
+    )
+
+
+def _scale_section(run: Run, lines: list[str]) -> None:
+    results = run.scale
+    lines.append("## 3. Scale: concurrent `sleep 600` jobs\n")
+    if results is None:
+        lines.append(f"Not measured: {run.errors.get('scale', 'skipped')}\n")
+        return
+    lines.append(_section_load(run, "scale") + "\n")
+
+    rate_per_second = results.jobs / results.all_running_seconds
+    rows = [
+        (
+            f"{results.jobs} jobs submitted in-process, first submit to the last RUNNING",
+            f"{results.all_running_seconds:.2f} s = **{rate_per_second:.0f} starts/s** "
+            f"(the submit calls alone: {results.submit_seconds:.2f} s, "
+            f"{ms(results.submit_seconds / results.jobs)} ms each)",
+        ),
+        (
+            "CPU time of one job's start: its supervisor / its cgroup (PID 1 and `sleep`)",
+            f"median {ms(results.supervisor_cpu.p(50))} ms / {ms(results.job_cpu.p(50))} ms, "
+            f"so {os.cpu_count()} busy cores start an estimated "
+            f"{(os.cpu_count() or 1) / (results.supervisor_cpu.p(50) + results.job_cpu.p(50)):.0f} "
+            "jobs/s at most",
+        ),
+        (
+            "host memory per job outside its cgroup: PSS of its supervisor",
+            f"mean **{results.pss_mean / MB:.2f} MB**; p50 {results.pss.p(50) / MB:.2f}, "
+            f"p90 {results.pss.p(90) / MB:.2f} MB",
+        ),
+        (
+            "the same supervisors: RSS / private (clean + dirty)",
+            f"mean {results.rss_mean / MB:.2f} MB / {results.private_mean / MB:.2f} MB",
+        ),
+    ]
+    if results.host_delta_per_job is not None and results.cgroup_per_job is not None:
+        rows.append(
+            (
+                "used memory growth (MemTotal - MemAvailable) per job, minus the jobs' cgroups",
+                f"{results.host_delta_per_job / MB:.2f} MB (kernel objects included; other "
+                "processes on the machine add noise); charged to each job's own cgroup: "
+                f"{results.cgroup_per_job / MB:.2f} MB",
+            )
+        )
+
+    rows += [
+        (
+            f"GET jobs/ID over REST, {results.requests} requests on one keep-alive connection, "
+            f"while the {results.jobs} run and {results.followers} followers stream another job",
+            f"p50 {ms(results.get_latency.p(50))} ms, p90 {ms(results.get_latency.p(90))} ms, "
+            f"**p99 {ms(results.get_latency.p(99))} ms**",
+        ),
+        ("server start, adopting the running jobs", f"{results.server_start_seconds:.2f} s"),
+        (
+            f"stop all {results.jobs} at once (grace 0, in-process)",
+            f"{results.stop_all_seconds:.2f} s",
+        ),
+        (
+            "left after the stop",
+            f"{len(results.left_running)} running, {len(results.left_cgroups)} cgroups, "
+            f"{len(results.left_supervisors)} supervisors",
+        ),
+    ]
+    lines.append(table(("figure", "value"), rows) + "\n")
+
+    if results.stream_bytes:
+        lines.append(
+            f"The {results.followers} followers received "
+            f"{min(results.stream_bytes)} to {max(results.stream_bytes)} bytes each from "
+            f"`{scale_bench.STREAM_COMMAND}`.\n"
+        )
+    if results.errors:
+        lines.append("Errors: " + "; ".join(results.errors) + "\n")
+
+    run.targets += [
+        (
+            "scale: at least 100 starts/s",
+            f"{rate_per_second:.0f} starts/s",
+            verdict(rate_per_second >= STARTS_PER_SECOND),
+        ),
+        (
+            "scale: at most 3 MB host memory per job",
+            f"{results.pss_mean / MB:.2f} MB PSS",
+            verdict(results.pss_mean <= HOST_MEMORY_PER_JOB),
+        ),
+        (
+            "scale: p99 GET jobs/ID under 20 ms",
+            f"{ms(results.get_latency.p(99))} ms",
+            verdict(results.get_latency.p(99) * 1000 < GET_P99_MS),
+        ),
+    ]
+    lines.append(
+        'Commands: `manager.submit({"command": "sleep 600"}, owner="alice")` '
+        f"{results.jobs} times in a row; the rate takes the latest `started_at` (written by each "
+        "supervisor when the job turns RUNNING). PSS is read from /proc/PID/smaps_rollup of "
+        "each supervisor. Then the manager is closed, a server on the same state folder adopts "
+        "the jobs, and GETs go to random ones of them as alice. At the end the server stops, "
+        "and a new manager stops all jobs and checks for running records, job cgroups and "
+        "supervisor processes.\n"
+    )
+
+
+def _stop_section(run: Run, lines: list[str]) -> None:
+    results = run.stop
+    lines.append("## 4. Stop: from the stop request to STOPPED\n")
+    if results is None:
+        lines.append(f"Not measured: {run.errors.get('stop', 'skipped')}\n")
+        return
+    lines.append(_section_load(run, "stop") + "\n")
+    lines.append(
+        f"{results.runs} runs of each kind, alternating. Each job prints `ready` from its "
+        "command; once the manager has followed that byte, `await manager.stop(id, grace=...)` "
+        "is timed until it returns the STOPPED record.\n"
+    )
+    rows = [
+        (
+            f"`{stop_bench.EXITS_ON_TERM}`, grace {stop_bench.TERM_GRACE:g} s",
+            ms(results.on_term.p(50)),
+            f"{ms(results.on_term.p(10))} / {ms(results.on_term.p(90))}",
+            results.on_term.count,
+        ),
+        (
+            f"`{stop_bench.IGNORES_TERM}`, grace {stop_bench.IGNORED_GRACE:g} s",
+            ms(results.ignored.p(50)),
+            f"{ms(results.ignored.p(10))} / {ms(results.ignored.p(90))}",
+            results.ignored.count,
+        ),
+    ]
+    lines.append(table(("job", "p50 ms", "p10 / p90 ms", "runs"), rows) + "\n")
+    if results.on_term.count:
+        run.targets.append(
+            (
+                "stop: p50 under 50 ms on SIGTERM",
+                f"{ms(results.on_term.p(50))} ms",
+                verdict(results.on_term.p(50) * 1000 < STOP_ON_TERM_MS),
+            )
+        )
+    if results.ignored.count:
+        limit = stop_bench.IGNORED_GRACE * 1000 + STOP_IGNORED_EXTRA_MS
+        run.targets.append(
+            (
+                "stop: p50 at most grace + 100 ms when SIGTERM is ignored",
+                f"{ms(results.ignored.p(50))} ms (limit {limit:.0f} ms)",
+                verdict(results.ignored.p(50) * 1000 <= limit),
+            )
+        )
+
+
+def render(run: Run) -> str:
+    """Return the text of BENCHMARKS.md."""
+    sections: list[str] = []
+    _start_section(run, sections)
+    _output_section(run, sections)
+    _scale_section(run, sections)
+    _stop_section(run, sections)
+
+    lines = ["# Benchmarks\n"]
+    lines.append(
+        "Figures of the job engine and its REST API next to bwrap, crun and unshare, written by "
+        "`bench/run.py` (see [bench/README.md](bench/README.md)). Rerun on a quiet machine, as "
+        "root, from the repository folder:\n"
+    )
+    lines.append("```sh\n.venv/bin/python bench/run.py\n```\n")
+    lines.append(
+        f"This run: {run.date}, `{run.command_line}`, {run.duration / 60:.1f} minutes. "
+        "Benchmarks are not tests: no figure fails the run.\n"
+    )
+    lines.append("## Machine\n")
+    lines.append(table(("", ""), run.facts) + "\n")
+    busy_before = ", ".join(f"{name} {share:.0f}%" for name, share in run.busiest_before) or "none"
+    busy_after = ", ".join(f"{name} {share:.0f}%" for name, share in run.busiest_after) or "none"
+    lines.append(
+        f"Load average (1, 5, 15 min): {run.load_before} before the run, {run.load_after} after "
+        f"it. Busiest processes in a 1 s sample before the run (% of one CPU): {busy_before}; "
+        f"after it: {busy_after}. Each section below gives its own load.\n"
+    )
+    lines.append("## Targets\n")
+    lines.append(table(("target", "this run", "result"), run.targets) + "\n")
+    if run.errors:
+        lines.append(
+            "Errors: " + "; ".join(f"{name}: {text}" for name, text in run.errors.items()) + "\n"
+        )
+    lines += sections
+    return "\n".join(lines).rstrip() + "\n"

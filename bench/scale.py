@@ -1,0 +1,252 @@
+"""Scale: many concurrent `sleep 600` jobs: start rate, host memory per job, REST latency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from common import ALICE, BOB, Api, Samples, start_server
+from output import Followers, process_cpu_seconds
+
+from jupyter_linuxworker.sandbox import JobManager, JobNotFound, JobStatus, jobdir
+
+COMMAND = "sleep 600"
+# The job the followers stream during the latency test: 64 KiB about 20 times a second.
+STREAM_COMMAND = "while :; do head -c 65536 /dev/zero; sleep 0.05; done"
+RUNNING_TIMEOUT = 300.0
+
+
+@dataclass
+class ScaleResults:
+    jobs: int = 0
+    followers: int = 0
+    requests: int = 0
+    submit_seconds: float = 0.0  # the submit() calls alone
+    all_running_seconds: float = 0.0  # first submit to the last job's started_at
+    # CPU seconds of each supervisor and of each job's cgroup, read 2 s after the last start.
+    supervisor_cpu: Samples = field(default_factory=Samples)
+    job_cpu: Samples = field(default_factory=Samples)
+    pss: Samples = field(default_factory=Samples)  # bytes per supervisor
+    rss: Samples = field(default_factory=Samples)
+    private: Samples = field(default_factory=Samples)
+    host_delta_per_job: float | None = None  # bytes: used memory growth minus the jobs' cgroups
+    cgroup_per_job: float | None = None  # bytes charged to each job's own cgroup
+    server_start_seconds: float = 0.0
+    get_latency: Samples = field(default_factory=Samples)
+    stream_bytes: list[int] = field(default_factory=list)
+    stop_all_seconds: float = 0.0
+    left_running: list[str] = field(default_factory=list)
+    left_cgroups: list[str] = field(default_factory=list)
+    left_supervisors: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def pss_mean(self) -> float:
+        return statistics.fmean(self.pss.values) if self.pss.values else float("nan")
+
+    @property
+    def rss_mean(self) -> float:
+        return statistics.fmean(self.rss.values) if self.rss.values else float("nan")
+
+    @property
+    def private_mean(self) -> float:
+        return statistics.fmean(self.private.values) if self.private.values else float("nan")
+
+
+def memory_used() -> int:
+    """Return MemTotal - MemAvailable in bytes."""
+    values = {}
+    with open("/proc/meminfo", encoding="ascii") as file:
+        for line in file:
+            name, rest = line.split(":", 1)
+            values[name] = int(rest.split()[0]) * 1024
+    return values["MemTotal"] - values["MemAvailable"]
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """Return the fields of /proc/PID/smaps_rollup in bytes."""
+    found = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as file:
+        for line in file:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                found[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return found
+
+
+def supervisor_pid(manager: JobManager, job_id: str) -> int | None:
+    info = jobdir.read_json(os.path.join(manager.jobs_dir, job_id, jobdir.SUPERVISOR_FILE))
+    return int(info["pid"]) if info else None
+
+
+def cgroup_memory(manager: JobManager, job_id: str) -> int:
+    path = manager.cgroups.for_job(job_id).paths.get("memory")
+    if path is None:  # cgroup v2: one folder
+        path = manager.cgroups.for_job(job_id).paths.get("", "")
+        name = "memory.current"
+    else:
+        name = "memory.usage_in_bytes"
+    try:
+        with open(os.path.join(path, name), encoding="ascii") as file:
+            return int(file.read())
+    except OSError:
+        return 0
+
+
+async def start_jobs(state_dir: str, count: int, ids: list[str], results: ScaleResults) -> None:
+    """Submit ``count`` jobs in-process, adding their ids to ``ids``; wait until all run."""
+    async with JobManager(state_dir) as manager:
+        used_before = memory_used()
+        first_submit = time.time()
+        for _ in range(count):
+            record = await manager.submit({"command": COMMAND}, owner="alice")
+            ids.append(record.id)
+        results.submit_seconds = time.time() - first_submit
+
+        deadline = time.monotonic() + RUNNING_TIMEOUT
+        started: dict[str, float] = {}
+        while len(started) < count and time.monotonic() < deadline:
+            # started_at comes from the supervisors, so a slow poll does not change the figure.
+            await asyncio.sleep(0.25)
+            for job_id in ids:
+                if job_id in started:
+                    continue
+                job = manager.get(job_id)
+                if job.status == JobStatus.RUNNING and job.started_at is not None:
+                    started[job_id] = job.started_at
+                elif job.status.ended:
+                    raise RuntimeError(f"job {job_id} ended early: {job.status} {job.detail}")
+        if len(started) < count:
+            raise RuntimeError(f"{count - len(started)} jobs not RUNNING after {RUNNING_TIMEOUT} s")
+        results.all_running_seconds = max(started.values()) - first_submit
+
+        # Let the last starts settle before memory is read.
+        await asyncio.sleep(2)
+        used_after = memory_used()
+        charged = 0
+        for job_id in ids:
+            pid = supervisor_pid(manager, job_id)
+            if pid is None:
+                continue
+            results.supervisor_cpu.add(process_cpu_seconds(pid))
+            job_cpu = manager.cgroups.for_job(job_id).usage().get("cpu_seconds")
+            if job_cpu is not None:
+                results.job_cpu.add(job_cpu)
+            rollup = smaps_rollup(pid)
+            results.pss.add(rollup.get("Pss", 0))
+            results.rss.add(rollup.get("Rss", 0))
+            results.private.add(rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0))
+            charged += cgroup_memory(manager, job_id)
+        results.cgroup_per_job = charged / count
+        results.host_delta_per_job = (used_after - used_before - charged) / count
+
+
+def get_latency(api: Api, ids: list[str], requests: int, results: ScaleResults) -> None:
+    rng = random.Random(1)
+    for _ in range(requests):
+        job_id = rng.choice(ids)
+        start = time.perf_counter()
+        status, _job = api.request("GET", f"jobs/{job_id}")
+        results.get_latency.add(time.perf_counter() - start)
+        if status != 200:
+            results.errors.append(f"GET jobs/{job_id} returned {status}")
+            return
+
+
+async def wait_for_exit(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Reap or wait for the supervisors, which exit just after they record the job's end.
+
+    Return the pids still running a supervisor after ``timeout`` seconds. The harness spawned
+    them through its first manager, so it reaps those that are its children.
+    """
+    deadline = time.monotonic() + timeout
+    left = set(pids)
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            try:
+                reaped, _status = os.waitpid(pid, os.WNOHANG)
+                if reaped == pid:
+                    left.discard(pid)
+                    continue
+            except ChildProcessError:
+                pass
+            if not _is_supervisor(pid):
+                left.discard(pid)
+        if left:
+            await asyncio.sleep(0.05)
+    return sorted(left)
+
+
+def _is_supervisor(pid: int) -> bool:
+    """Return whether ``pid`` is alive and runs supervisor.py (a reused pid runs something else)."""
+    if jobdir.process_start_ticks(pid) is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return b"supervisor.py" in file.read()
+    except OSError:
+        return False
+
+
+async def stop_jobs(
+    state_dir: str, ids: list[str], others: list[str], results: ScaleResults
+) -> None:
+    """Stop every job at once with grace 0, then check that none is left.
+
+    ``others`` are jobs left behind by a failed run, such as the streaming job; they are
+    stopped and deleted but not counted.
+    """
+    async with JobManager(state_dir) as manager:
+        for job_id in others:
+            with contextlib.suppress(JobNotFound):
+                await manager.stop(job_id, grace=0)
+                await manager.delete(job_id)
+        pids = [supervisor_pid(manager, job_id) for job_id in ids]
+        start = time.monotonic()
+        records = await asyncio.gather(*(manager.stop(job_id, grace=0) for job_id in ids))
+        results.stop_all_seconds = time.monotonic() - start
+        results.left_running = [r.id for r in records if not r.status.ended]
+        results.left_cgroups = [job_id for job_id in manager.cgroups.job_ids() if job_id in ids]
+        results.left_supervisors = await wait_for_exit([pid for pid in pids if pid is not None])
+        for job_id in ids:
+            await manager.delete(job_id)
+
+
+def run(base: str, count: int, followers: int, requests: int) -> ScaleResults:
+    """Start ``count`` jobs, serve them from a server, measure, stop them; return the results."""
+    results = ScaleResults(jobs=count, followers=followers, requests=requests)
+    state_dir = os.path.join(base, "state")
+    ids: list[str] = []
+    others: list[str] = []
+    server = None
+    try:
+        asyncio.run(start_jobs(state_dir, count, ids, results))
+        start = time.monotonic()
+        server = start_server(base)  # adopts the running jobs
+        results.server_start_seconds = time.monotonic() - start
+        api = Api(server.port, ALICE)
+        streamer = Api(server.port, BOB)
+        stream_job = streamer.submit({"command": STREAM_COMMAND, "name": "bench-stream"})
+        others.append(stream_job["id"])
+        readers = Followers(server.port, BOB, followers)
+        readers.start(stream_job["id"])
+        time.sleep(1)
+        get_latency(api, ids, requests, results)
+        streamer.stop(stream_job["id"], grace=0)
+        for report in readers.results():
+            results.stream_bytes.append(int(report.get("bytes", -1)))
+        streamer.delete(stream_job["id"])
+        others.remove(stream_job["id"])
+        api.close()
+        streamer.close()
+    finally:
+        if server is not None:
+            server.stop()
+        if ids or others:
+            asyncio.run(stop_jobs(state_dir, ids, others, results))
+    return results
