@@ -160,7 +160,8 @@ class Job:
         return self
 
     def __repr__(self) -> str:
-        return f"<Job {self.id[:12]} {self.data.get('name')!r} {self.status}>"
+        # The status is left out: it would only be the one last fetched, which soon goes stale.
+        return f"<Job {self.id[:12]} {self.data.get('name')!r}>"
 
 
 class Client:

@@ -31,6 +31,7 @@ API_PREFIX: Final = "linuxworker/api"
 JOB_ID_REGEX: Final = r"(?P<job_id>[^/]+)"
 SSE_CONTENT_TYPE: Final = "text/event-stream"
 OCTET_STREAM: Final = "application/octet-stream"
+TEXT_PLAIN: Final = "text/plain; charset=utf-8"
 MAX_GRACE: Final = 3600.0
 MAX_INT: Final = 2**63 - 1  # SQLite's largest integer
 DIGITS: Final = re.compile(r"[0-9]+")
@@ -294,15 +295,17 @@ class OutputHandler(LinuxWorkerHandler):
         job_id = self.get_job(job_id).id
         offset = _int_argument(self, "offset", 0)
         follow = _choice_argument(self, "follow", ("0", "1")) == "1"
-        output_format = _choice_argument(self, "format", ("raw", "sse"))
+        output_format = _choice_argument(self, "format", ("raw", "sse", "text"))
         sse = output_format == "sse" or SSE_CONTENT_TYPE in self.request.headers.get("Accept", "")
 
         if sse:
             await self._send_events(job_id, offset, follow)
             return
-        self.set_header("Content-Type", OCTET_STREAM)
+        # "text" lets a browser tab show the log instead of downloading it; the bytes are the same.
+        content_type = TEXT_PLAIN if output_format == "text" else OCTET_STREAM
+        self.set_header("Content-Type", content_type)
         if not follow:
-            self.finish(self.app.manager.read_output(job_id, offset), set_content_type=OCTET_STREAM)
+            self.finish(self.app.manager.read_output(job_id, offset), set_content_type=content_type)
             return
         try:
             async for chunk in self.app.manager.follow(job_id, offset):
@@ -310,7 +313,7 @@ class OutputHandler(LinuxWorkerHandler):
                 await self.flush()
         except StreamClosedError:
             return
-        self.finish(set_content_type=OCTET_STREAM)
+        self.finish(set_content_type=content_type)
 
     async def _send_events(self, job_id: str, offset: int, follow: bool) -> None:
         # Browsers get text: each stream is decoded on its own, so a UTF-8 character split
@@ -322,6 +325,9 @@ class OutputHandler(LinuxWorkerHandler):
             for stream in outputlog.STREAM_NAMES
         }
         position = offset
+        # Without follow, the status is read before the output, so "end" is sent only when
+        # every byte of the ended job is in this response.
+        ended_before = self.get_job(job_id).status.ended
         try:
             pieces = (
                 self.app.manager.follow_streams(job_id, offset)
@@ -335,9 +341,8 @@ class OutputHandler(LinuxWorkerHandler):
                 self.write(f"event: output\ndata: {json.dumps(event)}\n\n")
                 await self.flush()
             record = self.get_job(job_id)
-            # Without follow the stream stops at the end of what is written so far; "end" is
-            # sent only when the job has ended too, "status" otherwise.
-            kind = "end" if record.status.ended else "status"
+            # Without follow the stream stops at the end of what is written so far.
+            kind = "end" if (record.status.ended and (follow or ended_before)) else "status"
             self.write(f"event: {kind}\ndata: {json.dumps(record.to_dict())}\n\n")
             await self.flush()
         except StreamClosedError:

@@ -151,8 +151,8 @@ def test_line_magics(kernel: Kernel) -> None:
     kernel.run("%%linuxjob --wait --out listed\necho listed")
     stdout, _, _ = kernel.run("%linuxjob logs {listed.id}")
     assert stdout == "listed\n"
-    _, outputs, _ = kernel.run("%linuxjob status {listed.id}")
-    assert "COMPLETED" in str(outputs[0]["data"])
+    stdout, _, _ = kernel.run("%linuxjob status {listed.id}")
+    assert stdout == "Status: COMPLETED\nExit code: 0\n"
     _, outputs, _ = kernel.run("%linuxjob images")
     assert outputs[0]["data"] == {"text/plain": "['default']"}
     _, outputs, _ = kernel.run("%linuxjob list")

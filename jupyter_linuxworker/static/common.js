@@ -27,7 +27,35 @@ function xsrfToken() {
   return match ? decodeURIComponent(match[1]) : "";
 }
 
-export async function callApi(path, options = {}) {
+// Browsers open at most 6 HTTP/1.1 connections to one host (Chromium and Firefox), and an
+// EventSource keeps one open while its job runs. So at most FOLLOW_STREAMS_MAX views of a page
+// follow their output live, and the other views poll it, which leaves connections free for
+// JupyterLab itself, the polls and the Stop buttons.
+// NOTE: the limit counts the streams of one page, so each further JupyterLab tab of the same
+// server can open as many more.
+const FOLLOW_STREAMS_MAX = 2;
+
+function followStreams() {
+  // Kept on window, because each widget may run its own copy of this module.
+  if (!window.linuxworkerFollowStreams) window.linuxworkerFollowStreams = { open: 0 };
+  return window.linuxworkerFollowStreams;
+}
+
+export function acquireFollowStream() {
+  const streams = followStreams();
+  if (streams.open >= FOLLOW_STREAMS_MAX) return false;
+  streams.open += 1;
+  return true;
+}
+
+export function releaseFollowStream() {
+  const streams = followStreams();
+  streams.open = Math.max(0, streams.open - 1);
+}
+
+// Send a request to the API and return the response. Unless it is a success, throw an Error
+// with the server's message and the HTTP `status`.
+async function send(path, options = {}) {
   const headers = { "X-XSRFToken": xsrfToken(), ...(options.headers || {}) };
   if (options.body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(apiUrl() + path, {
@@ -35,10 +63,34 @@ export async function callApi(path, options = {}) {
     ...options,
     headers,
   });
-  const text = await response.text();
-  const data = text ? JSON.parse(text) : null;
-  if (!response.ok) throw new Error((data && data.message) || response.statusText);
-  return data;
+  if (response.ok) return response;
+  let message = response.statusText;
+  try {
+    message = (await response.json()).message || message;
+  } catch (parseError) {
+    // The body is not JSON: keep the status text.
+  }
+  const failure = new Error(message);
+  failure.status = response.status;
+  throw failure;
+}
+
+export async function callApi(path, options = {}) {
+  const text = await (await send(path, options)).text();
+  return text ? JSON.parse(text) : null;
+}
+
+// Fetch a finite stream of Server-Sent Events and return its events as [name, data] pairs, with
+// the data parsed from JSON.
+export async function fetchEvents(path) {
+  const text = await (await send(path)).text();
+  const events = [];
+  for (const block of text.split("\n\n")) {
+    const name = /^event: (.*)$/m.exec(block);
+    const data = /^data: (.*)$/m.exec(block);
+    if (name && data) events.push([name[1], JSON.parse(data[1])]);
+  }
+  return events;
 }
 
 export function stopJob(jobId) {

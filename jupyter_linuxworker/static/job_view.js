@@ -1,5 +1,6 @@
 // The live view of one job. It follows the job from the page, through the REST API and
-// Server-Sent Events, so it keeps updating while the kernel runs other cells.
+// Server-Sent Events, so it keeps updating while the kernel runs other cells. A view that gets
+// none of the page's follow streams (FOLLOW_STREAMS_MAX in common.js) polls the output instead.
 // common.js is prepended to this file when the widget is created.
 
 const SAMPLES_KEPT = 120;
@@ -12,29 +13,63 @@ class Tail {
   constructor(maxLines) {
     this.maxLines = maxLines;
     this.lines = [[]];
+    this.lastLineChars = 0;
     this.dropped = 0;
     this.carriageReturn = false;
   }
 
   write(text, stream) {
-    for (const part of text.split(/(\r\n|\r|\n)/)) {
+    const visibleText = this.skipHiddenLines(text);
+    for (const part of visibleText.split(/(\r\n|\r|\n)/)) {
       if (part === "\n" || part === "\r\n") {
         this.lines.push([]);
+        this.lastLineChars = 0;
         this.carriageReturn = false;
       } else if (part === "\r") {
         this.carriageReturn = true;
       } else if (part) {
         if (this.carriageReturn) {
           this.lines[this.lines.length - 1] = [];
+          this.lastLineChars = 0;
           this.carriageReturn = false;
         }
-        this.lines[this.lines.length - 1].push([part, stream]);
+        // render() shows at most LINE_CHARS_SHOWN characters of a line, so no more of a long
+        // line is kept in memory.
+        if (this.lastLineChars < LINE_CHARS_SHOWN) {
+          const visiblePart = part.slice(0, LINE_CHARS_SHOWN - this.lastLineChars);
+          this.lines[this.lines.length - 1].push([visiblePart, stream]);
+          this.lastLineChars += visiblePart.length;
+        }
       }
     }
-    while (this.lines.length > this.maxLines + 1) {
-      this.lines.shift();
-      this.dropped += 1;
+    // One splice, not a shift per line: shifting a long array line by line takes quadratic time.
+    const excess = this.lines.length - (this.maxLines + 1);
+    if (excess > 0) {
+      this.lines.splice(0, excess);
+      this.dropped += excess;
     }
+  }
+
+  // Return the end of `text` that can still be shown, and count the lines before it as
+  // dropped. One "output" event carries up to 1 MiB (FOLLOW_CHUNK in sandbox/manager.py), which
+  // can be half a million lines, and splitting all of them would block the page.
+  skipHiddenLines(text) {
+    let cut = text.length;
+    for (let found = 0; found <= this.maxLines; found += 1) {
+      cut = cut > 0 ? text.lastIndexOf("\n", cut - 1) : -1;
+      if (cut < 0) return text;
+    }
+    // Every line that ends at or before `cut` scrolls out of the tail: the complete lines kept
+    // so far, the open line (which the first newline ends) and the lines of `text` up to `cut`.
+    let ended = 0;
+    for (let at = text.indexOf("\n"); at !== -1 && at <= cut; at = text.indexOf("\n", at + 1)) {
+      ended += 1;
+    }
+    this.dropped += this.lines.length - 1 + ended;
+    this.lines = [[]];
+    this.lastLineChars = 0;
+    this.carriageReturn = false;
+    return text.slice(cut + 1);
   }
 
   render(pre) {
@@ -62,10 +97,13 @@ function sparkline(samples, key, top, color) {
   svg.setAttribute("width", width);
   svg.setAttribute("height", height);
   svg.setAttribute("class", "lw-graph");
-  const points = samples
+  // A single sample is drawn as a flat line: a polyline of one point draws nothing.
+  const drawn = samples.length === 1 ? [samples[0], samples[0]] : samples;
+  const points = drawn
     .map((sample, index) => {
-      const x = samples.length > 1 ? (index / (samples.length - 1)) * width : 0;
-      const y = height - Math.min(1, (sample[key] || 0) / (top || 1)) * (height - 2) - 1;
+      const x = (index / (drawn.length - 1)) * width;
+      // Zero is drawn 2 px above the bottom edge, where the stroke is not cut in half.
+      const y = height - 2 - Math.min(1, (sample[key] || 0) / (top || 1)) * (height - 4);
       return `${x.toFixed(1)},${y.toFixed(1)}`;
     })
     .join(" ");
@@ -87,6 +125,9 @@ function render({ model, el }) {
   let limits = {};
   let offset = 0;
   let source = null;
+  let streaming = false;
+  let outputComplete = false;
+  let missing = false;
   let renderTimer = null;
   let closed = false;
 
@@ -105,7 +146,7 @@ function render({ model, el }) {
   stopButton.className = "lw-stop";
   stopButton.textContent = "Stop";
   const link = document.createElement("a");
-  link.href = `${apiUrl()}jobs/${jobId}/output`;
+  link.href = `${apiUrl()}jobs/${jobId}/output?format=text`;
   link.target = "_blank";
   link.textContent = "Whole output";
   const error = document.createElement("span");
@@ -117,7 +158,7 @@ function render({ model, el }) {
     stopButton.disabled = true;
     stopButton.textContent = "Stopping...";
     try {
-      job = await stopJob(jobId);
+      updateJob(await stopJob(jobId));
       scheduleRender();
     } catch (failure) {
       error.textContent = `Stop failed: ${failure.message}`;
@@ -126,8 +167,15 @@ function render({ model, el }) {
     }
   });
 
+  // Requests overlap: a poll sent before the job ended can return after the Stop request or
+  // the "end" event did, and must not show the job running again.
+  function updateJob(next) {
+    if (!(job && ENDED.has(job.status) && !ENDED.has(next.status))) job = next;
+  }
+
   function renderHeader() {
-    const status = job ? job.status : "PENDING";
+    let status = job ? job.status : "PENDING";
+    if (!job && missing) status = "NOT FOUND";
     const name = document.createElement("strong");
     name.textContent = model.get("name") || (job && job.name) || "job";
     const id = document.createElement("code");
@@ -146,7 +194,7 @@ function render({ model, el }) {
     if (job && job.detail) parts.push(job.detail);
     facts.textContent = parts.join(" · ");
     header.replaceChildren(name, id, badge(status), facts);
-    stopButton.hidden = ENDED.has(status);
+    stopButton.hidden = ENDED.has(status) || missing;
   }
 
   function renderUsage() {
@@ -186,30 +234,65 @@ function render({ model, el }) {
     if (renderTimer === null && !closed) renderTimer = setTimeout(renderAll, RENDER_DELAY_MS);
   }
 
+  function handleEvent(name, data) {
+    if (name === "output") {
+      tail.write(data.text, data.stream);
+      offset = data.offset;
+    } else if (name === "end" || name === "status") {
+      updateJob(data);
+    }
+    scheduleRender();
+  }
+
+  // Start following the output live if one of the page's follow streams is free, and return
+  // whether one was.
+  function startFollowing() {
+    if (!acquireFollowStream()) return false;
+    streaming = true;
+    follow();
+    return true;
+  }
+
+  function stopFollowing() {
+    if (source) source.close();
+    if (streaming) releaseFollowStream();
+    streaming = false;
+  }
+
   function follow() {
+    if (closed) return;
     source = new EventSource(`${apiUrl()}jobs/${jobId}/output?format=sse&follow=1&offset=${offset}`);
-    source.addEventListener("output", (event) => {
-      const piece = JSON.parse(event.data);
-      tail.write(piece.text, piece.stream);
-      offset = piece.offset;
-      scheduleRender();
-    });
+    source.addEventListener("output", (event) => handleEvent("output", JSON.parse(event.data)));
+    // A follow stream ends exactly when the job has ended and all of its output is sent.
     source.addEventListener("end", (event) => {
-      job = JSON.parse(event.data);
-      source.close();
-      scheduleRender();
+      handleEvent("end", JSON.parse(event.data));
+      outputComplete = true;
+      stopFollowing();
     });
     source.onerror = () => {
       // The browser would reconnect from offset 0; reconnect from where the view is instead.
       source.close();
-      if (!closed && !(job && ENDED.has(job.status))) setTimeout(follow, RECONNECT_DELAY_MS);
+      if (!closed && !outputComplete && !missing) setTimeout(follow, RECONNECT_DELAY_MS);
+      else stopFollowing();
     };
+  }
+
+  // Read the output written since `offset`, for a view that has no follow stream.
+  async function readOutput() {
+    const events = await fetchEvents(`jobs/${jobId}/output?format=sse&offset=${offset}`);
+    for (const [name, data] of events) handleEvent(name, data);
   }
 
   async function poll() {
     if (closed) return;
     try {
-      job = await callApi(`jobs/${jobId}`);
+      updateJob(await callApi(`jobs/${jobId}`));
+      if (!streaming && !outputComplete && !startFollowing()) {
+        // A read that starts after the job has ended gets the rest of its output.
+        const endedBeforeRead = ENDED.has(job.status);
+        await readOutput();
+        outputComplete = endedBeforeRead;
+      }
       stats = await callApi(`jobs/${jobId}/stats`);
       limits = stats.limits || {};
       const now = Date.now() / 1000;
@@ -223,18 +306,24 @@ function render({ model, el }) {
       error.textContent = "";
     } catch (failure) {
       error.textContent = failure.message;
+      // A deleted job, or one of another user, stays missing: stop asking for it.
+      if (failure.status === 404) {
+        missing = true;
+        stopFollowing();
+      }
     }
     scheduleRender();
-    if (!(job && ENDED.has(job.status))) setTimeout(poll, model.get("stats_interval"));
+    const finished = job && ENDED.has(job.status) && (outputComplete || streaming);
+    if (!finished && !missing) setTimeout(poll, model.get("stats_interval"));
   }
 
-  follow();
+  startFollowing();
   poll();
   const clock = setInterval(renderHeader, 1000);
   return () => {
     closed = true;
     clearInterval(clock);
-    if (source) source.close();
+    stopFollowing();
   };
 }
 
