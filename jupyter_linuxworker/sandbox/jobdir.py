@@ -19,13 +19,19 @@ SUPERVISOR_LOG: Final = "supervisor.log"
 STAGING_DIR: Final = "mnt"
 
 
-def write_json(path: str, data: dict[str, Any]) -> None:
-    """Replace ``path`` with ``data`` as JSON: write a temporary file, fsync, rename."""
+def write_json(path: str, data: dict[str, Any], durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` as JSON: write a temporary file, fsync, rename.
+
+    Without ``durable`` the fsync is left out: the rename still keeps readers from seeing a
+    half-written file, but a power loss may lose the new content. That suits files that
+    matter only while the job's processes exist, which a power loss ends anyway.
+    """
     temporary = f"{path}.{os.getpid()}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
         os.write(fd, json.dumps(data).encode())
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(temporary, path)

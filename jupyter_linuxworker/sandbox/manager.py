@@ -255,7 +255,7 @@ class JobManager:
             "last_capability": self.last_capability,
             "seccomp": self.seccomp,
         }
-        jobdir.write_json(os.path.join(job_dir, jobdir.LAUNCH_FILE), launch)
+        jobdir.write_json(os.path.join(job_dir, jobdir.LAUNCH_FILE), launch, durable=False)
         record = self.store.insert(
             JobRecord(
                 id=job_id,
@@ -280,9 +280,8 @@ class JobManager:
             return record
 
         start_ticks = jobdir.process_start_ticks(pid)
-        jobdir.write_json(
-            os.path.join(job_dir, jobdir.SUPERVISOR_FILE), {"pid": pid, "start_ticks": start_ticks}
-        )
+        supervisor = {"pid": pid, "start_ticks": start_ticks}
+        jobdir.write_json(os.path.join(job_dir, jobdir.SUPERVISOR_FILE), supervisor, durable=False)
         if start_ticks is not None:
             self._track(job_id, pid, start_ticks)
         log.info("job %s: submitted by %r, supervisor pid %s", job_id, owner, pid)

@@ -152,7 +152,8 @@ class Supervisor:
                 # The timeout counts from the job's start, as started_at does.
                 self.timeout_deadline = time.monotonic() + float(timeout)
             self.state.update(status="RUNNING", started_at=time.time(), pid1=self.pid1)
-            jobdir.write_json(os.path.join(self.job_dir, jobdir.STATE_FILE), self.state)
+            state_file = os.path.join(self.job_dir, jobdir.STATE_FILE)
+            jobdir.write_json(state_file, self.state, durable=False)
             log.info("job %s: running as host pid %s", self.job_id, self.pid1)
         elif "started" in message:
             self.started = True
@@ -428,6 +429,7 @@ def main(argv: list[str]) -> int:
     jobdir.write_json(
         os.path.join(job_dir, jobdir.SUPERVISOR_FILE),
         {"pid": os.getpid(), "start_ticks": jobdir.process_start_ticks(os.getpid())},
+        durable=False,
     )
     try:
         supervisor.run()
