@@ -495,3 +495,32 @@ def test_requests_stay_fast_while_followers_stream(server: ServerProcess) -> Non
     assert latencies[-1] < 1.0
     for follower in followers:
         assert len(follower.data) == 100_000_000
+
+
+def zombie_children(pid: int) -> list[int]:
+    """Return the children of ``pid`` that have exited but were not reaped."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] == b"Z" and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def test_ended_supervisors_are_reaped(server: ServerProcess) -> None:
+    assert server.process is not None
+    jobs = [submit(server, {"command": f"echo {i}"}) for i in range(5)]
+    for job in jobs:
+        wait_ended(server, str(job["id"]))
+    deadline = time.monotonic() + 5
+    while zombie_children(server.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    assert zombie_children(server.process.pid) == []

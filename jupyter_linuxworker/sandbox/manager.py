@@ -185,11 +185,16 @@ class JobManager:
         if self._store is not None:
             self._store.close()
             self._store = None
-        # Supervisors that already ended are our children: reap them so no zombie stays.
+        self._reap_supervisors()
+
+    def _reap_supervisors(self) -> None:
+        """Reap the supervisors this manager started that have ended, so no zombie stays."""
         for pid in list(self._spawned):
-            with contextlib.suppress(ChildProcessError):
+            try:
                 if os.waitpid(pid, os.WNOHANG)[0] == pid:
                     self._spawned.discard(pid)
+            except ChildProcessError:
+                self._spawned.discard(pid)
 
     @property
     def store(self) -> JobStore:
@@ -223,6 +228,7 @@ class JobManager:
 
     async def submit(self, spec: JobSpec | dict[str, Any], owner: str = "") -> JobRecord:
         """Check ``spec``, store a PENDING record and start the job's supervisor."""
+        self._reap_supervisors()
         if not isinstance(spec, JobSpec):
             spec = JobSpec.from_dict(spec)
         try:
@@ -529,10 +535,7 @@ class JobManager:
 
     def _on_supervisor_exit(self, job_id: str, pid: int) -> None:
         self._untrack(job_id)
-        if pid in self._spawned:
-            self._spawned.discard(pid)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+        self._reap_supervisors()
         with contextlib.suppress(JobNotFound):
             self.get(job_id)
         self._notify(job_id)
@@ -575,7 +578,8 @@ class JobManager:
                     updated.status.value,
                     updated.detail or "exit code 0",
                 )
-                self._untrack(record.id)
+                # The supervisor writes its final state just before it exits: its pidfd stays
+                # watched until then, so the exit is seen and the process reaped.
         if not updated.status.ended:
             # The log grows on every write: report its size without storing each change.
             return updated.with_changes(output_size=outputlog.log_size(job_dir))
