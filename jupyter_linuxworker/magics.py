@@ -12,6 +12,7 @@ text instead and returns when the job ends, for terminals, nbconvert and papermi
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import shlex
 import sys
@@ -28,6 +29,16 @@ from .options import add_spec_options, describe_spec_error, spec_from_options
 
 DEFAULT_INTERRUPT_GRACE: Final = 1.0
 LINE_COMMANDS: Final = ("list", "status", "logs", "stop", "images", "connect")
+LINE_HELP: Final = """\
+%%linuxjob [options]     run the cell's body as a shell script in a job
+%linuxjob list           your jobs, with a Stop button each (--status S, --limit N)
+%linuxjob status ID      the job's status, exit code and reason
+%linuxjob logs ID        the job's output
+%linuxjob stop ID        stop the job
+%linuxjob images         the images jobs can run in
+%linuxjob connect URL [TOKEN]
+                         use the linuxworker API of another Jupyter server
+"""
 
 
 # IPython's display() and MagicArgumentParser carry no type hints.
@@ -38,14 +49,38 @@ _make_parser = cast(Callable[..., MagicArgumentParser], MagicArgumentParser)
 class LinuxJobFailed(RuntimeError):
     """A job run with ``--wait`` did not complete."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this in place of a traceback: the job failed, not the magic's code.
+        return [f"LinuxJobFailed: {self}"]
+
+
+CELL_DESCRIPTION: Final = (
+    "Run the cell as a shell script in a Linux job. The options set the job's fields, as in "
+    "`jupyter linuxworker submit`."
+)
+
 
 def _cell_parser() -> MagicArgumentParser:
-    parser = _make_parser(
+    """Return the parser of %%linuxjob options; it raises UsageError on a bad option."""
+    parser = _make_parser(prog="%%linuxjob", description=CELL_DESCRIPTION, add_help=False)
+    _add_cell_options(parser)
+    return parser
+
+
+def _cell_help() -> str:
+    # MagicArgumentParser formats help for docstrings (a '::' block, another '%'); a plain
+    # parser with the same options formats it for reading.
+    parser = argparse.ArgumentParser(
         prog="%%linuxjob",
-        description="Run the cell as a shell script in a Linux job. The options set the job's "
-        "fields, as in `jupyter linuxworker submit`.",
+        description=CELL_DESCRIPTION,
         add_help=False,
+        usage="%%%%linuxjob [options]   (the cell body is the script)",
     )
+    _add_cell_options(parser)
+    return parser.format_help()
+
+
+def _add_cell_options(parser: argparse.ArgumentParser) -> None:
     add_spec_options(parser)
     parser.add_argument(
         "--wait", action="store_true", help="stream the output as text and return when the job ends"
@@ -62,7 +97,6 @@ def _cell_parser() -> MagicArgumentParser:
         default=DEFAULT_INTERRUPT_GRACE,
         help="with --wait, seconds before SIGKILL when an interrupt stops the job",
     )
-    return parser
 
 
 def _line_parser() -> MagicArgumentParser:
@@ -101,7 +135,7 @@ class LinuxJobMagics(Magics):
         """Run the cell in a job (%%linuxjob [options]), or manage jobs (%linuxjob COMMAND).
 
         Line commands: list, status ID, logs ID, stop ID, images, connect URL [TOKEN].
-        Run `%%linuxjob --help` for the cell options.
+        Run `%linuxjob --help` for the commands and the cell options.
         """
         if cell is None:
             return self._line(line)
@@ -112,7 +146,7 @@ class LinuxJobMagics(Magics):
     def _cell(self, line: str, cell: str) -> Any:
         parser = _cell_parser()
         if line.strip() in ("-h", "--help"):
-            print(parser.format_help())
+            print(_cell_help())
             return None
         options = parser.parse_args(shlex.split(line))
         try:
@@ -145,12 +179,20 @@ class LinuxJobMagics(Magics):
             print(f"\nStopped job {job.id[:12]}: {job.status}", file=sys.stderr)
             raise
         job.refresh()
-        if job.status != "COMPLETED" and raise_on_failure:
-            raise LinuxJobFailed(f"job {job.id[:12]} {job.status}: {job.data.get('detail')}")
+        if job.status == "COMPLETED":
+            return
+        message = f"job {job.id[:12]} {job.status}: {job.data.get('detail')}"
+        if raise_on_failure:
+            raise LinuxJobFailed(message)
+        print(message, file=sys.stderr)
 
     # -- %linuxjob ---------------------------------------------------------------------------
 
     def _line(self, line: str) -> Any:
+        if line.strip() in ("", "-h", "--help", "help"):
+            print(LINE_HELP)
+            print(_cell_help())
+            return None
         options = _line_parser().parse_args(shlex.split(line))
         arguments = options.arguments
         try:

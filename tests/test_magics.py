@@ -175,3 +175,16 @@ def test_huge_output_leaves_kernel_free(kernel: Kernel, server: ServerProcess) -
         "flood.wait(timeout=60); print(flood.status, flood.data['output_size'])"
     )
     assert done == "COMPLETED 50000000\n"
+
+
+def test_help_and_short_failure(kernel: Kernel) -> None:
+    stdout, _, reply = kernel.run("%linuxjob --help")
+    assert reply["status"] == "ok"
+    assert stdout.startswith("%%linuxjob [options]     run the cell's body as a shell script")
+    assert "usage: %%linuxjob [options]   (the cell body is the script)" in stdout
+    assert "--memory MEMORY" in stdout
+
+    _, outputs, reply = kernel.run("%%linuxjob --wait\nexit 4")
+    errors = [output for output in outputs if output["msg_type"] == "error"]
+    assert len(errors) == 1
+    assert errors[0]["traceback"] == [f"LinuxJobFailed: {reply['evalue']}"]

@@ -65,7 +65,8 @@ def test_quickstart(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> N
     assert outputs[5] == "'STOPPED'"
     assert outputs[6].startswith("hello from a job\nLinux ")
     assert outputs[7].startswith("COMPLETED 0\nhello from a job\n")
-    assert outputs[8] == "something went wrong\n"
+    assert outputs[8].startswith("something went wrong\njob ")
+    assert outputs[8].endswith(" FAILED: exited with code 3\n")
     assert outputs[9] == "FAILED 3 exited with code 3\n"
     assert outputs[10] == "<JobList status=any limit=20>"
 
@@ -92,9 +93,13 @@ def test_how_containers_work(server: ServerProcess, monkeypatch: pytest.MonkeyPa
     assert int(outputs[2].split()[0]) > len(job_processes)
     assert len(outputs[3].strip()) == 12
     assert outputs[5].startswith("overlay / overlay\n")
+    assert "/dev/null" in outputs[5]
     assert outputs[7].split() == ["lo"]
     assert outputs[9].startswith("uid=0(root) gid=0(root)")
     assert outputs[9].split()[-2:] == ["1000000000", "65536"]
     assert outputs[11].splitlines()[0].endswith(":/")
+    assert "'memory': 134217728" in outputs[12]
+    assert "'pids': 1024" in outputs[12]
     assert "mount was refused" in outputs[13]
+    assert "unshare: unshare(0x10000000): Operation not permitted" in outputs[13]
     assert "Seccomp:\t2" in outputs[13]
