@@ -1,7 +1,7 @@
 """The `jupyter linuxworker` command line.
 
-`run`, `demo` and `images import|build-default|delete` use the engine on this machine (root
-needed); `submit`, `status`, `logs`, `stop`, `list`, `delete` and `images` talk to a running
+`run`, `demo` and `images import|build-default|delete` use the engine on this machine, which
+needs root. `submit`, `status`, `logs`, `stop`, `list`, `delete` and `images` call a running
 Jupyter server with the extension.
 """
 

@@ -84,7 +84,7 @@ def discover(url: str | None = None, token: str | None = None) -> ServerInfo:
         if not api.endswith(API_PATH):
             api += API_PATH
         if not token:
-            # The runtime file of a server at that URL holds its token.
+            # The runtime file of a server at that URL contains its token.
             for info in _runtime_servers():
                 base = info.get("url", "").rstrip("/") + "/"
                 if api.startswith(base):

@@ -6,8 +6,8 @@ Load them with ``%load_ext jupyter_linuxworker``. Example::
     echo "hello from $(hostname)"
     ls -lah /
 
-The cell returns at once with a live view of the job; ``--wait`` streams the output as plain
-text instead and returns when the job ends, for terminals, nbconvert and papermill.
+The cell returns at once with a live view of the job. With ``--wait`` it streams the output as
+plain text instead and returns when the job ends, for terminals, nbconvert and papermill.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The views follow their jobs from the browser, through the server's REST API and Server-Sent
 Events, not through the kernel. So a view keeps updating, and its Stop button keeps working,
-while other cells run; output never lands in another cell; and a reloaded page shows the job
+while other cells run. Output never lands in another cell, and a reloaded page shows the job
 again from the start of its output.
 
 Example::

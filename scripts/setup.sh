@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# gcc and libc6-dev build the static syscall probe that the seccomp tests run in a job;
+# gcc and libc6-dev build the static syscall probe that the seccomp tests run in a job.
 # chromium is the browser that the widget tests drive with Playwright.
 DEBIAN_PACKAGES=(busybox-static python3-venv iproute2 gcc libc6-dev chromium)
 missing=()

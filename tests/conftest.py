@@ -14,14 +14,14 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="jobs need root")
 
 def processes_with_cmdline(*argv: str) -> list[int]:
     """Return the pids on the host whose command line is exactly ``argv``."""
-    wanted = "\0".join(argv).encode() + b"\0"
+    expected = "\0".join(argv).encode() + b"\0"
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as file:
-                if file.read() == wanted:
+                if file.read() == expected:
                     found.append(int(entry.name))
         except OSError:
             continue

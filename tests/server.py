@@ -56,6 +56,7 @@ class ServerProcess:
         env["JUPYTER_CONFIG_DIR"] = os.path.join(self.runtime_dir, "config")
         env.pop("JUPYTER_LINUXWORKER_URL", None)
         env.pop("JUPYTER_LINUXWORKER_TOKEN", None)
+
         command = [
             sys.executable,
             "-m",
@@ -79,6 +80,7 @@ class ServerProcess:
             command, stdout=log, stderr=log, env=env, start_new_session=True
         )
         log.close()
+
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -158,14 +160,19 @@ def assert_no_job_leftovers(state_dir: str) -> None:
         assert not layout.for_job(job["id"]).exists(), job
 
 
+def server_in(base: Path, extra: Sequence[str] = ()) -> ServerProcess:
+    """Return a server, not yet started, whose state, root and runtime folders lie in ``base``."""
+    for name in ("state", "root", "runtime"):
+        (base / name).mkdir(exist_ok=True)
+    return ServerProcess(
+        str(base / "state"), str(base / "root"), str(base / "runtime"), extra=list(extra)
+    )
+
+
 @contextlib.contextmanager
 def running_server(base: Path, extra: Sequence[str] = ()) -> Iterator[ServerProcess]:
     """Run a server in folder ``base``; at the end stop its jobs and it, and check leftovers."""
-    for name in ("state", "root", "runtime"):
-        (base / name).mkdir(exist_ok=True)
-    process = ServerProcess(
-        str(base / "state"), str(base / "root"), str(base / "runtime"), extra=list(extra)
-    ).start()
+    process = server_in(base, extra).start()
     try:
         yield process
     finally:

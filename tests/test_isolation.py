@@ -1,4 +1,4 @@
-"""What a job sees: its own processes, hostname, mounts, network and files; volumes."""
+"""A job's view of the system: its own processes, hostname, mounts, network and files; volumes."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ async def test_background_child_ends_with_job(manager: JobManager) -> None:
 
 
 async def test_grandchild_holding_stdout_does_not_block(manager: JobManager) -> None:
-    """L3: a background grandchild that holds stdout does not keep the job or its readers open."""
+    """L3: a background grandchild with stdout open does not keep the job or its readers open."""
     started = time.monotonic()
     job = await manager.submit({"command": "sleep 30 & echo started"})
 

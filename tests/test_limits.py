@@ -72,7 +72,7 @@ async def test_fork_bomb_is_contained(manager: JobManager) -> None:
     job = await manager.submit({"command": "f(){ f|f& }; f; sleep 30", "pids": 64})
     await wait_running(manager, job.id)
 
-    # The manager keeps answering while the bomb runs.
+    # The manager keeps serving requests while the bomb runs.
     latencies = []
     for _ in range(30):
         started = time.monotonic()

@@ -78,7 +78,7 @@ def test_limits(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     assert outputs[3] == "FAILED out-of-memory 137\n"
     cpu_seconds = float(outputs[5].split()[0])
     assert 2.0 <= cpu_seconds <= 3.0
-    status, reason, _at, _most, peak, _processes = outputs[7].split()
+    status, reason, _at, _maximum, peak, _processes = outputs[7].split()
     assert (status, reason) == ("FAILED", "timeout")
     assert int(peak) <= 64
     assert outputs[9] == "FAILED timeout\n"

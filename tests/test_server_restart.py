@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from conftest import processes_with_cmdline
-from server import ServerProcess, assert_no_job_leftovers, request
+from server import assert_no_job_leftovers, request, server_in
 from test_server import ALICE, submit, wait_ended
 
 from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
@@ -14,11 +14,7 @@ from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 
 def test_jobs_survive_server_kill(tmp_path: Path) -> None:
     """X1 for real: SIGKILL the server 2 s after submit, start it again on the same state."""
-    for name in ("state", "root", "runtime"):
-        (tmp_path / name).mkdir()
-    first = ServerProcess(
-        str(tmp_path / "state"), str(tmp_path / "root"), str(tmp_path / "runtime")
-    )
+    first = server_in(tmp_path)
     first.start()
     try:
         sleeper = submit(first, {"command": "echo begin; sleep 600"})
@@ -27,9 +23,7 @@ def test_jobs_survive_server_kill(tmp_path: Path) -> None:
     finally:
         first.kill()
 
-    second = ServerProcess(
-        str(tmp_path / "state"), str(tmp_path / "root"), str(tmp_path / "runtime")
-    )
+    second = server_in(tmp_path)
     restarted = time.monotonic()
     second.start()
     try:
@@ -59,11 +53,7 @@ def test_jobs_survive_server_kill(tmp_path: Path) -> None:
 
 
 def test_server_stop_leaves_jobs_running(tmp_path: Path) -> None:
-    for name in ("state", "root", "runtime"):
-        (tmp_path / name).mkdir()
-    first = ServerProcess(
-        str(tmp_path / "state"), str(tmp_path / "root"), str(tmp_path / "runtime")
-    )
+    first = server_in(tmp_path)
     first.start()
     try:
         job = submit(first, {"command": "echo begin; sleep 600"})
@@ -72,9 +62,7 @@ def test_server_stop_leaves_jobs_running(tmp_path: Path) -> None:
         first.stop()
     assert "keeps running after the server stops" in first.log()
 
-    second = ServerProcess(
-        str(tmp_path / "state"), str(tmp_path / "root"), str(tmp_path / "runtime")
-    )
+    second = server_in(tmp_path)
     second.start()
     try:
         _, found = request("GET", f"{second.api}jobs/{job['id']}", ALICE)
@@ -87,14 +75,7 @@ def test_server_stop_leaves_jobs_running(tmp_path: Path) -> None:
 
 
 def test_stop_jobs_on_shutdown(tmp_path: Path) -> None:
-    for name in ("state", "root", "runtime"):
-        (tmp_path / name).mkdir()
-    server = ServerProcess(
-        str(tmp_path / "state"),
-        str(tmp_path / "root"),
-        str(tmp_path / "runtime"),
-        extra=["--LinuxWorkerApp.stop_jobs_on_shutdown=True"],
-    )
+    server = server_in(tmp_path, ["--LinuxWorkerApp.stop_jobs_on_shutdown=True"])
     server.start()
     try:
         job = submit(server, {"command": "sleep 600"})

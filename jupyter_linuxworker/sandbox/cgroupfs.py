@@ -20,7 +20,7 @@ def read_text(path: str) -> str:
 
 
 def read_int(path: str) -> int | None:
-    """Return a cgroup file's number, or None when the file is missing or says ``max``."""
+    """Return a cgroup file's number, or None when the file is missing or contains ``max``."""
     try:
         text = read_text(path).strip()
     except (FileNotFoundError, ProcessLookupError):
@@ -110,7 +110,7 @@ def device_number(device_path: str) -> str:
 
 
 def _mount_source(path: str) -> str | None:
-    """Return the source of the mount that holds ``path`` (the longest matching mount point)."""
+    """Return the source of the mount that contains ``path`` (the longest matching mount point)."""
     real = os.path.realpath(path)
     best: tuple[int, str] | None = None
     with open("/proc/self/mountinfo", encoding="utf-8") as file:

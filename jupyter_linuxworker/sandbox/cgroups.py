@@ -124,7 +124,7 @@ class JobCgroup:
             )
             return
         # NOTE: without a freezer, a process that forks fast can create a child between the
-        # read of cgroup.procs and the kills; the loop repeats until the cgroup is empty.
+        # read of cgroup.procs and the kills. The loop repeats until the cgroup is empty.
         for _attempt in range(KILL_ATTEMPTS):
             pids = self.pids()
             if not pids:
@@ -409,9 +409,9 @@ class CgroupLayout:
         own = self.own
         parent = self.parents[""]
         available = set(read_text(os.path.join(own, "cgroup.controllers")).split())
-        wanted = [c for c in V2_CONTROLLERS if c in available]
+        requested = [c for c in V2_CONTROLLERS if c in available]
         enabled = set(read_text(os.path.join(own, "cgroup.subtree_control")).split())
-        missing = [c for c in wanted if c not in enabled]
+        missing = [c for c in requested if c not in enabled]
 
         # No internal processes: a non-root cgroup with processes cannot hand controllers to
         # its children, so the manager moves itself into a leaf first.
@@ -431,8 +431,10 @@ class CgroupLayout:
             write(os.path.join(own, "cgroup.subtree_control"), " ".join(f"+{c}" for c in missing))
 
         make_cgroup(parent)
-        if wanted:
-            write(os.path.join(parent, "cgroup.subtree_control"), " ".join(f"+{c}" for c in wanted))
+        if requested:
+            write(
+                os.path.join(parent, "cgroup.subtree_control"), " ".join(f"+{c}" for c in requested)
+            )
 
     def for_job(self, job_id: str) -> JobCgroup:
         """Return (without creating) the cgroup of job ``job_id``."""

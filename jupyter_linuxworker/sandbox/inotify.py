@@ -1,4 +1,4 @@
-"""A minimal inotify binding: the kernel tells when a job's files change, so nobody polls."""
+"""A minimal inotify binding: the kernel reports changes to a job's files, so no code polls."""
 
 from __future__ import annotations
 

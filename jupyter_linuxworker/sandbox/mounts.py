@@ -1,7 +1,7 @@
 """The job's root filesystem, built by PID 1 in the job's mount namespace while still host root.
 
 The image is attached through an idmapped mount, so its files (owned by host root) appear owned
-by the job's root; a tmpfs writable layer goes on top with overlayfs. Volumes are idmapped so
+by the job's root. A tmpfs writable layer goes on top with overlayfs. Volumes are idmapped so
 that what the job's root writes belongs on the host to the owner of the volume's folder. All of
 this lives in the job's mount namespace and disappears with it.
 """
@@ -190,8 +190,8 @@ def _attach_idmapped(source: str, userns_fd: int, target: str, attributes: int) 
 def make_dir_beneath(root: str, path: str) -> str:
     """Create ``path`` inside ``root`` without following any symlink; return the host path.
 
-    An image may hold a link such as ``/mnt -> /``; resolving it on the host would mount over
-    a host folder, so each component is opened with ``O_NOFOLLOW`` relative to its parent.
+    An image may contain a link such as ``/mnt -> /``. Resolving it on the host would mount
+    over a host folder, so each component is opened with ``O_NOFOLLOW`` relative to its parent.
     """
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -1,7 +1,7 @@
 """A job's output log: raw bytes in arrival order, plus a side file of stderr and marker ranges.
 
 The supervisor is the only writer. A range record is written before the bytes it covers, so a
-reader that sees a byte also sees which stream it came from.
+reader that reads a byte can also read which stream it came from.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class OutputWriter:
         self.truncated = False
 
     def pump(self, fd: int, stream: int) -> bool:
-        """Move what ``fd`` holds into the log; return False at end of file."""
+        """Move the bytes waiting in ``fd`` into the log; return False at end of file."""
         if self.truncated:
             return bool(os.read(fd, PIPE_CHUNK))
         count = min(PIPE_CHUNK, self.cap - self.size)

@@ -103,7 +103,7 @@ class Supervisor:
             self.kill_deadline = deadline
 
     def _terminate(self) -> None:
-        # PID 1 of a PID namespace only receives signals it has a handler for; it installs
+        # PID 1 of a PID namespace receives only the signals it has handlers for. It installs
         # them just before it reports "started", so SIGTERM is sent only after that.
         if self.pid1 is not None and self.started and not self.container_done:
             with contextlib.suppress(ProcessLookupError):
@@ -247,8 +247,8 @@ class Supervisor:
             if self.kill_deadline is not None and now >= self.kill_deadline:
                 self._kill_all()
             if self.container_done and drain_deadline is None:
-                # PID 1 is gone, so the kernel killed the rest of its namespace; whatever is left
-                # in the pipes is drained, with a bound in case a descriptor escaped.
+                # PID 1 is gone, so the kernel killed the rest of its namespace. What is left in
+                # the pipes is drained, with a time bound in case a descriptor escaped.
                 drain_deadline = now + DRAIN_TIMEOUT
             if drain_deadline is not None and now >= drain_deadline:
                 log.warning(

@@ -40,7 +40,7 @@ PR_SET_NO_NEW_PRIVS: Final = 38
 PR_CAP_AMBIENT: Final = 47
 PR_CAP_AMBIENT_CLEAR_ALL: Final = 4
 
-# The new mount API (Linux 5.2, idmapped mounts 5.12); these numbers are the same on every
+# The new mount API (Linux 5.2, idmapped mounts 5.12). These numbers are the same on every
 # architecture because they were added after the syscall tables were unified.
 _SYS_OPEN_TREE: Final = 428
 _SYS_MOVE_MOUNT: Final = 429

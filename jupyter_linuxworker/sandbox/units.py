@@ -18,7 +18,7 @@ DURATION_HELP: Final = "a number of seconds, or a number with ms, s, m or h, suc
 
 
 class UnitError(ValueError):
-    """A value that is not a size, rate, count or duration; the message says what is allowed."""
+    """A value that is not a size, rate, count or duration; the message states what is allowed."""
 
 
 def parse_size(value: str | int | float) -> int:
