@@ -12,7 +12,7 @@ import scale as scale_bench
 import stop as stop_bench
 from common import GIB, MB, LoadWindow, Samples, ms, table, verdict
 from peers import bwrap_argv, unshare_argv
-from start import COMMAND, ENGINE, PEER_COMMAND, StartResults
+from start import COMMAND, ENGINE, ENGINE_EXEC, ENGINE_FORK, PEER_COMMAND, StartResults
 
 # The project's targets.
 START_BWRAP_FACTOR = 1.5
@@ -78,7 +78,10 @@ def _start_section(run: Run, lines: list[str]) -> None:
     lines.append(
         f"{results.rounds} rounds after {results.warmup} warm-up rounds. Each round runs every "
         "method once, so that a change in load reaches all of them, in a random order of its "
-        "own. Times are from the first call to the first stdout byte read by the harness.\n"
+        "own, then pauses 0.1 s. Times are from the first call to the first stdout byte read by "
+        "the harness. The engine runs in three ways, each with a manager of its own: the "
+        "default, and the two earlier ways of starting a supervisor, for before and after "
+        "figures from the same run.\n"
     )
     lines.append(_section_load(run, "start") + "\n")
     rows: list[tuple[object, ...]] = []
@@ -113,6 +116,19 @@ def _start_section(run: Run, lines: list[str]) -> None:
         run.targets.append(
             ("start: REST adds at most 3 ms", f"{extra:.1f} ms", verdict(extra <= REST_OVERHEAD_MS))
         )
+    before = results.samples[ENGINE_EXEC]
+    fork = results.samples[ENGINE_FORK]
+    if engine.count and before.count:
+        ratio_rows.append(
+            (
+                "engine before (new interpreter) / engine now, p50",
+                f"{before.p(50) / engine.p(50):.1f}x",
+            )
+        )
+    if engine.count and fork.count:
+        ratio_rows.append(
+            ("engine, fresh fork / engine now, p50", f"{fork.p(50) / engine.p(50):.1f}x")
+        )
     lines.append(table(("comparison (same run)", "value"), ratio_rows) + "\n")
 
     lines.append("Commands:\n")
@@ -121,6 +137,16 @@ def _start_section(run: Run, lines: list[str]) -> None:
         f'- engine (in-process): `await manager.submit({{"command": "{COMMAND}"}})`, then '
         "`manager.follow(id)` until the first chunk; the job runs `/bin/sh -c 'echo hi'` in "
         "the default image."
+    )
+    lines.append(
+        '- engine, fresh fork per job: the same with `JobManager(supervisor_start="fork")`: '
+        "the fork server forks a supervisor per job, which prepares its container on the job's "
+        "start path."
+    )
+    lines.append(
+        "- engine, new interpreter per job (before): the same with "
+        '`JobManager(supervisor_start="exec")`: `python -I -S supervisor.py JOB_DIR` per job, '
+        "as in every earlier version."
     )
     lines.append(
         f'- REST: `POST jobs` with `{{"command": "{COMMAND}"}}`, then '
@@ -152,16 +178,28 @@ def _start_section(run: Run, lines: list[str]) -> None:
         f"p99 {ms(results.idle_get.p(99))} ms. This is the baseline of section 3.\n"
     )
 
-    timeline = run.timeline
-    if timeline:
-        lines.append("### Where the engine's start time goes\n")
-        lines.append(
-            f"Median of each step over {timeline['runs']} `echo hi` jobs, in the order they "
-            "happen on the way to the first byte. The manager is pointed at "
-            "`bench/traced_supervisor.py`, which wraps the supervisor's, the container's and PID "
-            "1's steps and records CLOCK_MONOTONIC at each. Medians of steps do not add up "
-            "exactly to the median total.\n"
-        )
+    if run.timeline:
+        _timeline_section(run.timeline, lines)
+
+
+TIMELINE_TITLES = {
+    "prepared": "the default: a supervisor prepared by the fork server",
+    "exec": "before: a new interpreter per supervisor",
+}
+
+
+def _timeline_section(timelines: dict[str, dict[str, Any]], lines: list[str]) -> None:
+    lines.append("### Where the engine's start time goes\n")
+    runs = next(iter(timelines.values()))["runs"]
+    lines.append(
+        f"Median of each step over {runs} `echo hi` jobs, in the order they happen on the way to "
+        "the first byte, with a 0.1 s pause after each job. The manager is pointed at "
+        "`bench/traced_supervisor.py`, which wraps the supervisor's, the container's and PID "
+        "1's steps and records CLOCK_MONOTONIC at each. Medians of steps do not add up "
+        "exactly to the median total. Both tables come from this run.\n"
+    )
+    for mode, timeline in timelines.items():
+        lines.append(f"**{TIMELINE_TITLES.get(mode, mode)}**\n")
         total = timeline["total"]
         rows = [
             (str(label), f"{seconds * 1000:.2f}", f"{seconds / total * 100:.0f}%")
@@ -169,10 +207,14 @@ def _start_section(run: Run, lines: list[str]) -> None:
         ]
         rows.append(("**total, submit to first chunk**", f"{total * 1000:.2f}", "100%"))
         lines.append(table(("step", "median ms", "share"), rows) + "\n")
-        lines.append(
-            "Off the path above, in parallel with PID 1's set-up, the supervisor records RUNNING "
-            f"(writes and fsyncs state.json): median {timeline['running_record'] * 1000:.2f} ms.\n"
-        )
+    lines.append(
+        "With a prepared supervisor, the user namespace, the container child, PID 1, its mount, "
+        "PID, UTS, IPC and network namespaces, loopback and the move into a cgroup all happen "
+        "before the job is submitted. After the command has started, the supervisor records "
+        "RUNNING (writes state.json, no fsync): median "
+        f"{timelines.get('prepared', timeline)['running_record'] * 1000:.2f} ms after the "
+        "spawn.\n"
+    )
 
 
 def _output_section(run: Run, lines: list[str]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
@@ -106,9 +107,16 @@ async def start_section(
     crun: CrunPeer | None,
     crun_error: str | None,
 ) -> start_bench.StartResults:
-    async with JobManager(state_dir) as manager:
+    async with contextlib.AsyncExitStack() as stack:
+        managers = {}
+        for name, mode in start_bench.ENGINE_MODES.items():
+            # One state folder per manager; the first is the one the rest of the run uses.
+            folder = state_dir if mode == "prepared" else f"{state_dir}-{mode}"
+            managers[name] = await stack.enter_async_context(
+                JobManager(folder, supervisor_start=mode)
+            )
         return await start_bench.run(
-            manager, api, rootfs, crun, crun_error, args.start_rounds, warmup=3
+            managers, api, rootfs, crun, crun_error, args.start_rounds, warmup=3
         )
 
 
@@ -204,7 +212,10 @@ def main(argv: list[str]) -> int:
             )
             run.timeline = section(
                 "timeline",
-                lambda: asyncio.run(start_bench.timeline(engine_state, args.timeline_runs)),
+                lambda: {
+                    mode: asyncio.run(start_bench.timeline(engine_state, args.timeline_runs, mode))
+                    for mode in ("prepared", "exec")
+                },
                 part="start",
             )
             run.output = section(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -14,13 +15,14 @@ from common import Api, Samples, percentile
 from peers import CrunPeer, bwrap_argv, time_first_byte, unshare_argv
 
 from jupyter_linuxworker.sandbox import JobManager
-from jupyter_linuxworker.sandbox import manager as manager_module
+from jupyter_linuxworker.sandbox.launcher import StartedSupervisor, StartMode
 
 COMMAND = "echo hi"
 # The engine runs a string command as `/bin/sh -c COMMAND` in the image; the peers do the same.
 PEER_COMMAND = ["/bin/sh", "-c", COMMAND]
 EXPECTED = "hi\n"
 JOB_TIMEOUT = 30.0
+TIMELINE_GAP = 0.1
 
 
 @dataclass
@@ -74,12 +76,28 @@ def check_peer(name: str, result: dict[str, Any], results: StartResults) -> floa
 
 
 ENGINE = "engine (in-process)"
+# The engine with the older ways of starting a supervisor, for the before and after figures.
+ENGINE_FORK = "engine, fresh fork per job"
+ENGINE_EXEC = "engine, new interpreter per job (before)"
+ENGINE_MODES = {ENGINE: "prepared", ENGINE_FORK: "fork", ENGINE_EXEC: "exec"}
 ORDER_SEED = 1
-METHODS = (ENGINE, "REST", "bwrap", "crun", "unshare + chroot", "plain exec on the host")
+METHODS = (
+    ENGINE,
+    ENGINE_FORK,
+    ENGINE_EXEC,
+    "REST",
+    "bwrap",
+    "crun",
+    "unshare + chroot",
+    "plain exec on the host",
+)
+# A pause after each round, as between the jobs a user submits: a prepared supervisor is
+# forked for the next job in it.
+ROUND_GAP = 0.1
 
 
 async def run(
-    manager: JobManager,
+    managers: dict[str, JobManager],
     api: Api,
     rootfs: str,
     crun: CrunPeer | None,
@@ -105,8 +123,8 @@ async def run(
         results.failures["crun"] = crun_error or "crun is not available"
 
     async def run_method(name: str) -> float | None:
-        if name == ENGINE:
-            return await engine_once(manager)
+        if name in managers:
+            return await engine_once(managers[name])
         if name == "REST":
             return rest_once(api, follower)
         if name == "crun":
@@ -121,6 +139,7 @@ async def run(
             seconds = await run_method(name)
             if index >= warmup and seconds is not None:
                 results.samples[name].add(seconds)
+        await asyncio.sleep(ROUND_GAP)
     follower.close()
     results.idle_get = idle_get_latency(api)
     return results
@@ -146,81 +165,126 @@ def idle_get_latency(api: Api, count: int = 300) -> Samples:
 # -- where the engine's start time goes ------------------------------------------------------
 
 # Consecutive events on the way from submit to the first byte, with what happens in between.
-TIMELINE_STEPS = (
+# Steps shared by every mode: from PID 1's start message to the first chunk.
+_PID1_STEPS = (
+    ("container_started", "pid1_go", "PID 1: receive the job's folder"),
     (
-        "submit_called",
-        "spawn_called",
-        "manager: check the spec, write launch.json, insert the record",
+        "pid1_go",
+        "root_ready",
+        "PID 1: read launch.json, unshare the cgroup namespace, build the root (tmpfs, "
+        "idmapped image, overlay, mounts)",
     ),
-    ("spawn_called", "spawn_returned", "manager: posix_spawn of the supervisor"),
-    ("spawn_returned", "supervisor_entry", "supervisor: exec and Python start-up (-I -S)"),
-    ("supervisor_entry", "supervisor_imported", "supervisor: imports"),
-    (
-        "supervisor_imported",
-        "supervisor_run",
-        "supervisor: read launch.json, write supervisor.json",
-    ),
-    ("supervisor_run", "cgroup_create", "supervisor: signal handlers, subreaper"),
-    ("cgroup_create", "cgroup_limits_done", "supervisor: create the cgroup, write the limits"),
-    ("cgroup_limits_done", "userns_done", "supervisor: create the user namespace"),
-    ("userns_done", "container_start", "supervisor: output writer, pipes, fork"),
-    ("container_start", "cgroup_joined", "container child: join the cgroup"),
-    ("cgroup_joined", "namespaces_unshared", "container child: unshare the namespaces"),
-    ("namespaces_unshared", "pid1_start", "container child: fork PID 1"),
-    ("pid1_start", "root_ready", "PID 1: build the root (tmpfs, idmapped image, overlay, mounts)"),
-    ("root_ready", "pivot_root_done", "PID 1: hostname, loopback, pivot_root"),
+    ("root_ready", "pivot_root_done", "PID 1: hostname, pivot_root"),
     ("pivot_root_done", "userns_entered", "PID 1: enter the user namespace"),
-    ("userns_entered", "command_child_start", "PID 1: working folder, signal handlers, fork"),
-    ("command_child_start", "seccomp_start", "command: signals, descriptors, capabilities"),
-    ("seccomp_start", "seccomp_done", "command: build and load the seccomp filter"),
-    ("seccomp_done", "exec", "command: until exec"),
-    ("exec", "first_output_pump", "exec /bin/sh, `echo hi`, supervisor wakes on the pipe"),
+    (
+        "userns_entered",
+        "seccomp_start",
+        "PID 1: working folder, signal handlers, descriptors, capabilities",
+    ),
+    ("seccomp_start", "seccomp_done", "PID 1: load the seccomp filter"),
+    ("seccomp_done", "exec", "PID 1: find the program"),
+    (
+        "exec",
+        "first_output_pump",
+        "posix_spawn and exec of /bin/sh, `echo hi`, the supervisor wakes on the pipe",
+    ),
     ("first_output_pump", "first_chunk", "manager: inotify wake-up, read the log"),
+)
+_MANAGER_STEP = (
+    "submit_called",
+    "spawn_called",
+    "manager: check the spec, write launch.json, insert the record",
+)
+TIMELINE_STEPS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "exec": (
+        _MANAGER_STEP,
+        ("spawn_called", "supervisor_entry", "manager: posix_spawn; Python start-up (-I -S)"),
+        ("supervisor_entry", "supervisor_imported", "supervisor: imports"),
+        (
+            "supervisor_imported",
+            "supervisor_run",
+            "supervisor: read launch.json, write supervisor.json",
+        ),
+        ("supervisor_run", "userns_done", "supervisor: create the user namespace"),
+        ("userns_done", "container_start", "supervisor: pipes, fork the container child"),
+        ("container_start", "namespaces_unshared", "container child: unshare the namespaces"),
+        ("namespaces_unshared", "pid1_start", "container child: fork PID 1"),
+        ("pid1_start", "prepared", "supervisor: read PID 1's pid, reap the container child"),
+        ("prepared", "cgroup_create", "supervisor: signal handlers"),
+        ("cgroup_create", "cgroup_limits_done", "supervisor: create the cgroup, write the limits"),
+        ("cgroup_limits_done", "cgroup_joined", "supervisor: move PID 1 into the cgroup"),
+        ("cgroup_joined", "container_started", "supervisor: output log"),
+        *_PID1_STEPS,
+    ),
+    "prepared": (
+        _MANAGER_STEP,
+        (
+            "spawn_called",
+            "job_received",
+            "manager → fork server → prepared supervisor: the job's folder",
+        ),
+        ("job_received", "supervisor_run", "supervisor: read launch.json, write supervisor.json"),
+        ("supervisor_run", "cgroup_rename", "supervisor: signal handlers"),
+        (
+            "cgroup_rename",
+            "cgroup_limits_done",
+            "supervisor: rename the prepared cgroup, write the limits",
+        ),
+        ("cgroup_limits_done", "container_started", "supervisor: output log"),
+        *_PID1_STEPS,
+    ),
+}
+TIMELINE_STEPS["fork"] = (
+    _MANAGER_STEP,
+    (
+        "spawn_called",
+        "supervisor_entry",
+        "manager → fork server: request, fork of a fresh supervisor",
+    ),
+    *TIMELINE_STEPS["exec"][3:],
 )
 
 
-async def timeline(state_dir: str, runs: int, warmup: int = 3) -> dict[str, Any]:
+async def timeline(state_dir: str, runs: int, mode: StartMode, warmup: int = 3) -> dict[str, Any]:
     """Run `echo hi` jobs under the traced supervisor; return the median of each step in seconds."""
     traced = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traced_supervisor.py")
-    durations: dict[str, list[float]] = {step[2]: [] for step in TIMELINE_STEPS}
+    steps = TIMELINE_STEPS[mode]
+    durations: dict[str, list[float]] = {step[2]: [] for step in steps}
     totals: list[float] = []
     running_offsets: list[float] = []
-    original_path = manager_module.SUPERVISOR_PATH
-    # SUPERVISOR_PATH is Final for the engine's own code; the benchmark swaps it on purpose.
-    setattr(manager_module, "SUPERVISOR_PATH", traced)  # noqa: B010
-    try:
-        async with JobManager(state_dir) as manager:
-            spawn = manager._spawn_supervisor
-            marks: dict[str, int] = {}
+    async with JobManager(state_dir, supervisor_start=mode, supervisor_path=traced) as manager:
+        start_supervisor = manager.launcher.start_supervisor
+        marks: dict[str, int] = {}
 
-            def traced_spawn(job_dir: str) -> int:
-                marks["spawn_called"] = time.monotonic_ns()
-                pid: int = spawn(job_dir)
-                marks["spawn_returned"] = time.monotonic_ns()
-                return pid
+        async def traced_start(job_dir: str) -> StartedSupervisor:
+            marks["spawn_called"] = time.monotonic_ns()
+            return await start_supervisor(job_dir)
 
-            manager._spawn_supervisor = traced_spawn
-            for index in range(warmup + runs):
-                marks.clear()
-                marks["submit_called"] = time.monotonic_ns()
-                job = await manager.submit({"command": COMMAND})
-                async with contextlib.aclosing(manager.follow(job.id)) as chunks:
-                    async for _chunk in chunks:
-                        marks["first_chunk"] = time.monotonic_ns()
-                        break
-                await manager.wait(job.id, timeout=JOB_TIMEOUT)
-                trace_path = os.path.join(manager.jobs_dir, job.id, "trace.json")
-                with open(trace_path, encoding="ascii") as file:
-                    marks.update(json.load(file))
-                await manager.delete(job.id)
-                if index < warmup:
-                    continue
-                for begin, end, label in TIMELINE_STEPS:
-                    durations[label].append((marks[end] - marks[begin]) / 1e9)
-                totals.append((marks["first_chunk"] - marks["submit_called"]) / 1e9)
-                running_offsets.append((marks["running_recorded"] - marks["pid1_message"]) / 1e9)
-    finally:
-        setattr(manager_module, "SUPERVISOR_PATH", original_path)  # noqa: B010
+        # The benchmark wraps the launcher's method on purpose, to time the call.
+        setattr(manager.launcher, "start_supervisor", traced_start)  # noqa: B010
+        for index in range(warmup + runs):
+            marks.clear()
+            marks["submit_called"] = time.monotonic_ns()
+            job = await manager.submit({"command": COMMAND})
+            async with contextlib.aclosing(manager.follow(job.id)) as chunks:
+                async for _chunk in chunks:
+                    marks["first_chunk"] = time.monotonic_ns()
+                    break
+            await manager.wait(job.id, timeout=JOB_TIMEOUT)
+            trace_path = os.path.join(manager.jobs_dir, job.id, "trace.json")
+            with open(trace_path, encoding="ascii") as file:
+                marks.update(json.load(file))
+            await manager.delete(job.id)
+            # An idle moment between jobs, as between the rounds of the start benchmark: the
+            # fork server prepares the next container then. Back-to-back starts are measured
+            # in the scale section.
+            await asyncio.sleep(TIMELINE_GAP)
+            if index < warmup:
+                continue
+            for begin, end, label in steps:
+                durations[label].append((marks[end] - marks[begin]) / 1e9)
+            totals.append((marks["first_chunk"] - marks["submit_called"]) / 1e9)
+            running_offsets.append((marks["running_recorded"] - marks["exec"]) / 1e9)
     return {
         "runs": runs,
         "steps": [(label, percentile(values, 50)) for label, values in durations.items()],

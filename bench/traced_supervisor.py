@@ -1,6 +1,7 @@
 """The engine's supervisor with timestamps at each start-up step, for the start timeline.
 
-The timeline benchmark points the manager at this file instead of supervisor.py. It wraps the
+The timeline benchmark points the manager at this file instead of supervisor.py. The fork
+server imports it once and calls :func:`main` in each forked child. It wraps the
 supervisor's, the container's and PID 1's steps so that each records CLOCK_MONOTONIC (one clock
 for all processes) the first time it runs. The records live in an anonymous shared mapping,
 because the container child, PID 1 and the command are forked from here and the command closes
@@ -26,22 +27,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EVENTS = (
     "supervisor_entry",
     "supervisor_imported",
+    "job_received",
     "supervisor_run",
-    "cgroup_create",
-    "cgroup_limits_done",
     "userns_done",
     "container_start",
-    "cgroup_joined",
     "namespaces_unshared",
     "pid1_start",
+    "prepared",
+    "cgroup_create",
+    "cgroup_rename",
+    "cgroup_limits_done",
+    "cgroup_joined",
+    "container_started",
+    "pid1_go",
     "root_ready",
     "pivot_root_done",
     "userns_entered",
-    "command_child_start",
     "seccomp_start",
     "seccomp_done",
     "exec",
-    "pid1_message",
     "running_recorded",
     "first_output_pump",
     "finish",
@@ -62,10 +66,12 @@ mark("supervisor_entry", ENTRY_NS)
 from jupyter_linuxworker.sandbox import (  # noqa: E402
     cgroups,
     container,
+    jobdir,
     outputlog,
     seccomp,
     supervisor,
     syscalls,
+    userns,
 )
 
 mark("supervisor_imported")
@@ -85,20 +91,25 @@ def wrap(owner: object, name: str, before: str | None = None, after: str | None 
     setattr(owner, name, wrapper)
 
 
+wrap(jobdir, "redirect_output", before="job_received")
 wrap(supervisor.Supervisor, "run", before="supervisor_run")
+wrap(userns, "make_userns", after="userns_done")
+wrap(container, "_run_container", before="container_start")
+wrap(container, "_run_pid1", before="pid1_start")
+wrap(container, "prepare_container", after="prepared")
 wrap(cgroups.JobCgroup, "create", before="cgroup_create")
+wrap(cgroups.JobCgroup, "rename", before="cgroup_rename")
 wrap(cgroups.JobCgroup, "apply_limits", after="cgroup_limits_done")
 wrap(cgroups.JobCgroup, "join", after="cgroup_joined")
-wrap(supervisor.Supervisor, "_make_user_namespaces", after="userns_done")
-wrap(container, "run_container", before="container_start")
-wrap(container, "_run_pid1", before="pid1_start")
+wrap(container, "start_container", before="container_started")
+wrap(container, "_wait_for_start", after="pid1_go")
 wrap(container, "setup_root", after="root_ready")
 wrap(container, "pivot_root", after="pivot_root_done")
 wrap(container, "_enter_userns", after="userns_entered")
-wrap(container, "_exec_command", before="command_child_start")
 wrap(seccomp, "install", before="seccomp_start", after="seccomp_done")
-wrap(os, "execvpe", before="exec")
+wrap(os, "posix_spawn", before="exec")
 wrap(outputlog.OutputWriter, "pump", before="first_output_pump")
+wrap(supervisor.Supervisor, "_record_running", after="running_recorded")
 
 _unshare = syscalls.unshare
 
@@ -110,20 +121,6 @@ def _traced_unshare(flags: int) -> None:
 
 
 syscalls.unshare = _traced_unshare
-
-_on_status_line = supervisor.Supervisor._on_status_line
-
-
-def _traced_status_line(self: supervisor.Supervisor, line: bytes) -> None:
-    is_pid1 = b'"pid1"' in line
-    if is_pid1:
-        mark("pid1_message")
-    _on_status_line(self, line)
-    if is_pid1:
-        mark("running_recorded")
-
-
-supervisor.Supervisor._on_status_line = _traced_status_line  # type: ignore[method-assign]
 
 _finish = supervisor.Supervisor._finish
 
@@ -140,5 +137,32 @@ def _traced_finish(self: supervisor.Supervisor) -> None:
 
 supervisor.Supervisor._finish = _traced_finish  # type: ignore[method-assign]
 
+READY_MESSAGE = supervisor.READY_MESSAGE
+
+
+def _fresh_records() -> None:
+    global _shared
+    _shared = mmap.mmap(-1, SLOT.size * len(EVENTS))
+
+
+def supervise(job_dir: str) -> int:
+    """Supervise a job in a fresh fork of the fork server, with fresh records."""
+    _fresh_records()
+    mark("supervisor_entry")
+    mark("supervisor_imported")
+    return supervisor.supervise(job_dir)
+
+
+def run_prepared(conn: object, id_map: tuple[int, int], pending: object) -> int:
+    """Prepare a container as the fork server's prepared supervisor, with fresh records."""
+    _fresh_records()
+    return supervisor.run_prepared(conn, id_map, pending)  # type: ignore[arg-type]
+
+
+def main(argv: list[str]) -> int:
+    """Supervise the job in ``argv[1]`` as an exec'd supervisor."""
+    return supervisor.main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(supervisor.main(sys.argv))
+    sys.exit(main(sys.argv))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,6 +27,19 @@ def processes_with_cmdline(*argv: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def wait_for_exit(pid: int, timeout: float = 10.0) -> None:
+    """Wait until process ``pid`` has ended, whoever its parent is; fail after ``timeout``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+        assert readable, f"process {pid} still runs after {timeout} s"
+    finally:
+        os.close(pidfd)
 
 
 def mounts_below(path: str) -> list[str]:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from conftest import assert_no_leftovers, processes_with_cmdline
+from conftest import assert_no_leftovers, processes_with_cmdline, wait_for_exit
 
 from jupyter_linuxworker.sandbox import jobdir
 from jupyter_linuxworker.sandbox.manager import JobManager
@@ -259,7 +259,7 @@ async def test_lost_while_no_manager_runs(state_dir: str) -> None:
     supervisor = jobdir.read_json(os.path.join(first.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
     assert supervisor is not None
     os.kill(supervisor["pid"], signal.SIGKILL)
-    os.waitpid(supervisor["pid"], 0)
+    wait_for_exit(supervisor["pid"])
 
     second = JobManager(state_dir, grace=1.0)
     await second.start()

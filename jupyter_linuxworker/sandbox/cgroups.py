@@ -91,6 +91,26 @@ class JobCgroup:
         for path in self.paths.values():
             write(os.path.join(path, "cgroup.procs"), str(pid))
 
+    def rename(self, target: JobCgroup) -> None:
+        """Rename every folder of this cgroup to the matching folder of ``target``.
+
+        The processes stay in it. Only cgroup v1 renames, and only within the same parent.
+        """
+        if self.version != 1 or target.version != 1 or set(self.paths) != set(target.paths):
+            raise CgroupError(
+                f"cannot rename cgroup {self.paths} to {target.paths}: only v1 cgroups with the "
+                "same controllers can be renamed"
+            )
+        for controller, path in self.paths.items():
+            try:
+                os.rename(path, target.paths[controller])
+            except OSError as error:
+                raise CgroupError(
+                    error.errno,
+                    f"renaming cgroup {path} to {target.paths[controller]} failed: "
+                    f"{error.strerror}",
+                ) from None
+
     def exists(self) -> bool:
         """Return whether any folder of this cgroup still exists."""
         return any(os.path.isdir(path) for path in self.paths.values())

@@ -1,14 +1,19 @@
 """The container side of a job: namespaces, user namespace, and PID 1.
 
-The supervisor forks :func:`run_container`. That child joins the job's cgroup, unshares the
-namespaces and forks PID 1 of the new PID namespace, then exits, so PID 1 is reparented to the
-supervisor (a child subreaper). PID 1 builds the root while still host root, then enters the
-job's user namespace. There its root is an unprivileged host id and owns none of the other
-namespaces, so nothing in the job can mount, change the network or set the hostname. PID 1
-starts the command with a reduced capability set, no_new_privs and a seccomp filter, forwards
-signals to it, reaps orphans and reports how the command ended on the status pipe. Every
-message on that pipe is one JSON line. Nothing here returns: each process ends with
-``os._exit``.
+:func:`prepare_container` needs no job: it creates the job's user namespace, and forks a child
+that unshares the mount, PID, UTS, IPC and network namespaces, forks PID 1 of the new PID
+namespace, then exits, so PID 1 is reparented to the supervisor (a child subreaper). PID 1
+makes its mounts private, brings loopback up and waits for :func:`start_container` to send it
+the job's folder. The fork
+server prepares a container before a job is submitted, so this work is off the job's start path.
+
+Once started, PID 1 unshares the cgroup namespace (the supervisor has moved it into the job's
+cgroup by then), builds the root while still host root, then enters the job's user namespace.
+There its root is an unprivileged host id and owns none of the other namespaces, so nothing in
+the job can mount, change the network or set the hostname. PID 1 starts the command with a
+reduced capability set, no_new_privs and a seccomp filter, forwards signals to it, reaps
+orphans and reports how the command ended on the status pipe. Every message on that pipe is one
+JSON line. Nothing in the container returns: each process ends with ``os._exit``.
 """
 
 from __future__ import annotations
@@ -24,21 +29,25 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
-from . import seccomp, syscalls
-from .cgroups import JobCgroup
-from .mounts import SetupError, pivot_root, setup_root, step
+from . import jobdir, seccomp, syscalls, userns
+from .mounts import SetupError, make_mounts_private, pivot_root, setup_root, step
 
+# The cgroup namespace is left out: PID 1 unshares it once it is in the job's cgroup, so that
+# /proc/self/cgroup in the job shows that cgroup as "/".
 NAMESPACES: Final = (
     syscalls.CLONE_NEWNS
     | syscalls.CLONE_NEWPID
     | syscalls.CLONE_NEWUTS
     | syscalls.CLONE_NEWIPC
     | syscalls.CLONE_NEWNET
-    | syscalls.CLONE_NEWCGROUP
 )
+# SCM_MAX_FD of Linux: the most descriptors one message can carry, so the most volume owners.
+MAX_PASSED_FDS: Final = 253
+MAX_START_MESSAGE: Final = 4096
 SETUP_FAILED_EXIT: Final = 125
 EXEC_FAILED_EXIT: Final = 127
-MAX_FD: Final = 65536
+# execvp's search path when the job's environment has no PATH.
+DEFAULT_PATH: Final = "/bin:/usr/bin"
 INIT_TITLE: Final = "init"
 FORWARDED_SIGNALS: Final = (
     signal.SIGTERM,
@@ -63,6 +72,7 @@ KEPT_CAPABILITIES: Final = frozenset(
         10,  # CAP_NET_BIND_SERVICE
     }
 )
+PIPE_SIZE: Final = 1024 * 1024
 _SIOCGIFFLAGS: Final = 0x8913
 _SIOCSIFFLAGS: Final = 0x8914
 _IFF_UP: Final = 0x1
@@ -70,13 +80,112 @@ _IFF_UP: Final = 0x1
 
 @dataclass(frozen=True)
 class ContainerFds:
-    """The descriptors the supervisor hands to the container."""
+    """The descriptors PID 1 keeps from the supervisor: the write ends and the user namespace."""
 
     stdout: int
     stderr: int
     status: int
     job_userns: int
-    volume_userns: list[int]
+
+
+@dataclass
+class PreparedContainer:
+    """A PID 1 waiting in fresh namespaces, and the supervisor's ends of its pipes."""
+
+    id_map: tuple[int, int]
+    pid1: int
+    control: socket.socket
+    stdout: int
+    stderr: int
+    status: int
+    # Status lines read past PID 1's pid while waiting for it.
+    status_buffer: bytes
+
+
+def prepare_container(id_map: tuple[int, int]) -> PreparedContainer:
+    """Create the user namespace, the pipes and PID 1; raise SetupError naming the failed step.
+
+    The caller must be a child subreaper, so that PID 1 becomes its child.
+    """
+    start, size = id_map
+    try:
+        job_userns = userns.make_userns(f"0 {start} {size}", f"0 {start} {size}")
+    except OSError as error:
+        raise SetupError("create user namespace", error) from None
+    try:
+        stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
+        stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
+        status_read, status_write = os.pipe2(os.O_CLOEXEC)
+        control, pid1_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError as error:
+        os.close(job_userns)
+        raise SetupError("create pipes", error) from None
+    for fd in (stdout_read, stderr_read):
+        _set_pipe_size(fd)
+    fds = ContainerFds(stdout_write, stderr_write, status_write, job_userns)
+
+    container_pid = os.fork()
+    if container_pid == 0:
+        for fd in (stdout_read, stderr_read, status_read):
+            os.close(fd)
+        control.close()
+        _run_container(fds, pid1_control)
+    for fd in (stdout_write, stderr_write, status_write, job_userns):
+        os.close(fd)
+    pid1_control.close()
+
+    # The container child reports PID 1's pid, or how it failed, and exits.
+    buffer = b""
+    while b"\n" not in buffer:
+        data = os.read(status_read, 65536)
+        if not data:
+            break
+        buffer += data
+    os.waitpid(container_pid, 0)
+    line, _, rest = buffer.partition(b"\n")
+    message = json.loads(line) if line else {}
+    if "pid1" not in message:
+        for fd in (stdout_read, stderr_read, status_read):
+            os.close(fd)
+        control.close()
+        failure = message.get("setup_error", {})
+        errno_value = int(failure.get("errno", errno.EIO))
+        text = failure.get("message", "the container child ended without reporting PID 1")
+        raise SetupError(failure.get("step", "fork PID 1"), OSError(errno_value, text))
+    return PreparedContainer(
+        id_map, int(message["pid1"]), control, stdout_read, stderr_read, status_read, rest
+    )
+
+
+def start_container(prepared: PreparedContainer, job_dir: str, volume_userns: list[int]) -> None:
+    """Send PID 1 the job's folder and the volumes' user namespaces; PID 1 takes it from there.
+
+    The caller has moved PID 1 into the job's cgroup. Raises SetupError if PID 1 is gone.
+    """
+    try:
+        socket.send_fds(prepared.control, [os.fsencode(job_dir)], volume_userns)
+    except OSError as error:
+        raise SetupError("start PID 1", error) from None
+    finally:
+        prepared.control.close()
+
+
+def discard_container(prepared: PreparedContainer) -> None:
+    """End a PID 1 that was never started, and close the supervisor's ends of its pipes."""
+    prepared.control.close()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(prepared.pid1, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(prepared.pid1, 0)
+    for fd in (prepared.stdout, prepared.stderr, prepared.status):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _set_pipe_size(fd: int) -> None:
+    # Past /proc/sys/fs/pipe-max-size the default 64 KiB stays: it works, only slower.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _send(status_fd: int, message: dict[str, Any]) -> None:
@@ -95,11 +204,9 @@ def _fail(status_fd: int, error: SetupError | OSError, step_name: str = "") -> N
         os._exit(SETUP_FAILED_EXIT)
 
 
-def run_container(launch: dict[str, Any], fds: ContainerFds) -> NoReturn:
-    """Join the cgroup, unshare the namespaces and fork PID 1; never returns."""
+def _run_container(fds: ContainerFds, control: socket.socket) -> NoReturn:
+    """Unshare the namespaces and fork PID 1; never returns."""
     try:
-        cgroup = JobCgroup.from_dict(launch["cgroup"])
-        step("join cgroup", cgroup.join)
         step("unshare namespaces", syscalls.unshare, NAMESPACES)
         pid1 = os.fork()
     except SetupError as error:
@@ -108,24 +215,48 @@ def run_container(launch: dict[str, Any], fds: ContainerFds) -> NoReturn:
         _fail(fds.status, error, "fork PID 1")
 
     if pid1 == 0:
-        _run_pid1(launch, fds)
+        _run_pid1(fds, control)
     _send(fds.status, {"pid1": pid1})
     os._exit(0)
 
 
-def _run_pid1(launch: dict[str, Any], fds: ContainerFds) -> NoReturn:
+def _wait_for_start(control: socket.socket) -> tuple[str, list[int]]:
+    message, volume_userns, _flags, _address = socket.recv_fds(
+        control, MAX_START_MESSAGE, MAX_PASSED_FDS
+    )
+    control.close()
+    if not message:
+        # The supervisor discarded this container, or ended.
+        os._exit(0)
+    return os.fsdecode(message), volume_userns
+
+
+def _run_pid1(fds: ContainerFds, control: socket.socket) -> NoReturn:
     try:
         step("name PID 1", syscalls.set_process_title, INIT_TITLE)
-        root = setup_root(launch, fds.job_userns, fds.volume_userns)
-        step("set hostname", socket.sethostname, launch["hostname"])
+        make_mounts_private()
         step("bring loopback up", _bring_loopback_up)
+    except SetupError as error:
+        _fail(fds.status, error)
+
+    job_dir, volume_userns = _wait_for_start(control)
+    try:
+        launch = jobdir.read_json(os.path.join(job_dir, jobdir.LAUNCH_FILE))
+        if launch is None:
+            raise FileNotFoundError(errno.ENOENT, "no launch file", job_dir)
+    except (OSError, ValueError) as error:
+        _fail(fds.status, OSError(errno.EIO, str(error)), "read the launch file")
+    try:
+        step("unshare the cgroup namespace", syscalls.unshare, syscalls.CLONE_NEWCGROUP)
+        root = setup_root(launch, fds.job_userns, volume_userns)
+        step("set hostname", socket.sethostname, launch["hostname"])
         step("enter new root", pivot_root, root)
         step("enter user namespace", _enter_userns, fds.job_userns)
         workdir = launch["workdir"]
         step(f"enter working directory {workdir}", _enter_workdir, workdir)
     except SetupError as error:
         _fail(fds.status, error)
-    for fd in (fds.job_userns, *fds.volume_userns):
+    for fd in (fds.job_userns, *volume_userns):
         os.close(fd)
 
     forwarded: list[int] = []
@@ -139,27 +270,35 @@ def _run_pid1(launch: dict[str, Any], fds: ContainerFds) -> NoReturn:
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
+    # A prepared PID 1 was forked while the supervisor still blocked its stop signals.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
-    exec_read, exec_write = os.pipe2(os.O_CLOEXEC)
-    child = os.fork()
-    if child == 0:
-        os.close(exec_read)
-        _exec_command(launch, fds, exec_write)
-    os.close(exec_write)
+    # The last steps before the command: a small capability set, no way to gain privileges
+    # through setuid files, and the seccomp filter. PID 1 takes them on itself, so the command
+    # can be started with posix_spawn (a vfork, far cheaper than forking Python) and inherits
+    # them. PID 1 needs nothing they take away: it only waits, signals and writes its pipe.
+    try:
+        syscalls.close_range_cloexec(3)
+        syscalls.limit_capabilities(KEPT_CAPABILITIES, int(launch["last_capability"]))
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+        if launch["seccomp"]:
+            seccomp.install()
+    except OSError as error:
+        _fail(fds.status, error, "restrict PID 1 before the command")
+
+    try:
+        child = _spawn_command(launch, fds)
+    except OSError as error:
+        code = error.errno or errno.ENOEXEC
+        failure = {"errno": code, "argv0": launch["argv"][0], "message": os.strerror(code)}
+        _send(fds.status, {"exec_error": failure})
+        _send(fds.status, {"exit_status": EXEC_FAILED_EXIT << 8})
+        os._exit(EXEC_FAILED_EXIT)
     os.close(fds.stdout)
     os.close(fds.stderr)
     for pending in forwarded:
         _signal_quietly(child, pending)
-
-    # The exec pipe closes on a successful exec; a failed one sends its errno first.
-    exec_error = os.read(exec_read, 64)
-    os.close(exec_read)
-    if exec_error:
-        code = int(exec_error.decode())
-        failure = {"errno": code, "argv0": launch["argv"][0], "message": os.strerror(code)}
-        _send(fds.status, {"exec_error": failure})
-    else:
-        _send(fds.status, {"started": True})
+    _send(fds.status, {"started": True})
 
     status = _reap_until(child)
     _send(fds.status, {"exit_status": status})
@@ -188,34 +327,41 @@ def _signal_quietly(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def _exec_command(launch: dict[str, Any], fds: ContainerFds, exec_write: int) -> NoReturn:
-    try:
-        os.setsid()
+def _spawn_command(launch: dict[str, Any], fds: ContainerFds) -> int:
+    """Start the command in a session of its own; return its pid or raise the exec error."""
+    argv: list[str] = launch["argv"]
+    env: dict[str, str] = launch["env"]
+    # Python ignores SIGPIPE and SIGXFSZ; a shell pipeline like `yes | head` needs the default.
+    default_signals = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+    return os.posix_spawn(
+        _find_program(argv[0], env.get("PATH", DEFAULT_PATH)),
+        argv,
+        env,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, fds.stdout, 1),
+            (os.POSIX_SPAWN_DUP2, fds.stderr, 2),
+        ],
+        setsid=True,
+        setsigmask=(),
+        setsigdef=default_signals,
+    )
 
-        # Python ignores SIGPIPE and SIGXFSZ; a shell pipeline like `yes | head` needs the default.
-        for signum in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
-            with contextlib.suppress(OSError, ValueError):
-                signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fds.stdout, 1)
-        os.dup2(fds.stderr, 2)
-        os.closerange(3, exec_write)
-        os.closerange(exec_write + 1, MAX_FD)
-
-        # The last steps before exec: a small capability set, no way to gain privileges
-        # through setuid files, and the seccomp filter.
-        syscalls.limit_capabilities(KEPT_CAPABILITIES, int(launch["last_capability"]))
-        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-        if launch["seccomp"]:
-            seccomp.install()
-        argv: list[str] = launch["argv"]
-        os.execvpe(argv[0], argv, launch["env"])
-    except OSError as error:
-        os.write(exec_write, str(error.errno or errno.ENOEXEC).encode())
-    os._exit(EXEC_FAILED_EXIT)
+def _find_program(name: str, search_path: str) -> str:
+    """Return the path that execvp would run for ``name``; raise its error if there is none."""
+    if "/" in name:
+        return name
+    denied: OSError | None = None
+    for folder in search_path.split(":"):
+        candidate = os.path.join(folder or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), candidate)
+    if denied is not None:
+        raise denied
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
 
 
 def _bring_loopback_up() -> None:

@@ -69,3 +69,15 @@ def process_start_ticks(pid: int) -> int | None:
 def process_is(pid: int, start_ticks: int) -> bool:
     """Return whether ``pid`` still names the process that started at ``start_ticks``."""
     return process_start_ticks(pid) == start_ticks
+
+
+def redirect_output(job_dir: str) -> None:
+    """Point stdin at /dev/null and append stdout and stderr to the job's supervisor log."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    log_path = os.path.join(job_dir, SUPERVISOR_LOG)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)

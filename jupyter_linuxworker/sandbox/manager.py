@@ -37,8 +37,10 @@ from typing import Any, Final
 from . import jobdir, outputlog, userns
 from .cgroupfs import block_device, device_number
 from .cgroups import CgroupError, CgroupLayout, JobCgroup
+from .forkserver import PENDING_PREFIX
 from .images import DEFAULT_IMAGE_NAME, ImageError, ImageStore
 from .inotify import Inotify
+from .launcher import SUPERVISOR_PATH, StartMode, SupervisorLauncher
 from .spec import JobSpec, Limits, SpecError
 from .store import DATABASE_NAME, JobRecord, JobStatus, JobStore
 from .volumes import resolve_volume
@@ -57,9 +59,6 @@ TOTAL_PIDS_FRACTION: Final = 0.5
 STOP_WAIT_MARGIN: Final = 5.0
 FOLLOW_CHUNK: Final = 1024 * 1024
 MAX_ADOPTED_JOBS: Final = 100_000
-SUPERVISOR_PATH: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervisor.py")
-# The supervisor starts with these blocked, so a stop sent before its handlers exist waits.
-SUPERVISOR_BLOCKED_SIGNALS: Final = (signal.SIGUSR1, signal.SIGTERM)
 JOB_ID_PATTERN: Final = re.compile(r"^[0-9a-f]{32}$")
 
 log = logging.getLogger("jupyter_linuxworker.manager")
@@ -112,6 +111,8 @@ class JobManager:
         id_map: tuple[int, int] = (userns.DEFAULT_HOST_START, userns.DEFAULT_SIZE),
         seccomp: bool = True,
         python: str = sys.executable,
+        supervisor_start: StartMode = "prepared",
+        supervisor_path: str = SUPERVISOR_PATH,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir or default_state_dir())
         self.jobs_dir = os.path.join(self.state_dir, "jobs")
@@ -131,6 +132,16 @@ class JobManager:
         self.python = python
         self.last_capability = _last_capability()
         self.cgroups = CgroupLayout.detect()
+        self.launcher = SupervisorLauncher(
+            python,
+            self.state_dir,
+            supervisor_start,
+            supervisor_path,
+            {
+                "id_map": list(id_map),
+                "cgroup": {"version": self.cgroups.version, "parents": self.cgroups.parents},
+            },
+        )
         self._store: JobStore | None = None
         self._inotify: Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -138,7 +149,6 @@ class JobManager:
         self._watch_jobs: dict[int, str] = {}
         self._listeners: dict[str, set[asyncio.Event]] = {}
         self._supervisors: dict[str, int] = {}
-        self._spawned: set[int] = set()
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -169,6 +179,7 @@ class JobManager:
         self._inotify = Inotify()
         self._loop.add_reader(self._inotify.fd, self._on_inotify)
         self._adopt()
+        self.launcher.start()
 
     async def close(self) -> None:
         """Stop tracking jobs; they keep running under their supervisors."""
@@ -185,16 +196,7 @@ class JobManager:
         if self._store is not None:
             self._store.close()
             self._store = None
-        self._reap_supervisors()
-
-    def _reap_supervisors(self) -> None:
-        """Reap the supervisors this manager started that have ended, so no zombie stays."""
-        for pid in list(self._spawned):
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    self._spawned.discard(pid)
-            except ChildProcessError:
-                self._spawned.discard(pid)
+        self.launcher.close()
 
     @property
     def store(self) -> JobStore:
@@ -217,8 +219,12 @@ class JobManager:
                 self._track(record.id, int(info["pid"]), int(info["start_ticks"]))
                 log.info("job %s: adopted, supervisor pid %s", record.id, info["pid"])
 
-        # Cgroups left by a job of ours that is known to have ended, for example after a crash.
+        # Cgroups left by a job of ours that is known to have ended, for example after a crash,
+        # and pending cgroups of prepared supervisors whose fork server is gone.
         for job_id in self.cgroups.job_ids():
+            if job_id.startswith(PENDING_PREFIX):
+                self._remove_stale_pending(job_id)
+                continue
             known = self.store.get(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
             if known is not None and known.status.ended:
                 log.info("job %s: removing the cgroup it left behind", job_id)
@@ -228,7 +234,6 @@ class JobManager:
 
     async def submit(self, spec: JobSpec | dict[str, Any], owner: str = "") -> JobRecord:
         """Check ``spec``, store a PENDING record and start the job's supervisor."""
-        self._reap_supervisors()
         if not isinstance(spec, JobSpec):
             spec = JobSpec.from_dict(spec)
         try:
@@ -273,7 +278,7 @@ class JobManager:
             )
         )
         try:
-            pid = self._spawn_supervisor(job_dir)
+            started = await self.launcher.start_supervisor(job_dir)
         except OSError as error:
             log.error("job %s: starting the supervisor failed: %s", job_id, error)
             record = record.with_changes(
@@ -285,12 +290,13 @@ class JobManager:
             self.store.update(record)
             return record
 
-        start_ticks = jobdir.process_start_ticks(pid)
-        supervisor = {"pid": pid, "start_ticks": start_ticks}
+        supervisor = {"pid": started.pid, "start_ticks": started.start_ticks}
         jobdir.write_json(os.path.join(job_dir, jobdir.SUPERVISOR_FILE), supervisor, durable=False)
-        if start_ticks is not None:
-            self._track(job_id, pid, start_ticks)
-        log.info("job %s: submitted by %r, supervisor pid %s", job_id, owner, pid)
+        if started.start_ticks is not None:
+            self._track(job_id, started.pid, started.start_ticks, started.pidfd)
+        elif started.pidfd is not None:
+            os.close(started.pidfd)
+        log.info("job %s: submitted by %r, supervisor pid %s", job_id, owner, started.pid)
         return record
 
     def limits_for(
@@ -340,23 +346,6 @@ class JobManager:
         launch = jobdir.read_json(os.path.join(self._job_dir(job_id), jobdir.LAUNCH_FILE)) or {}
         limits: dict[str, Any] = launch.get("limits", {})
         return limits
-
-    def _spawn_supervisor(self, job_dir: str) -> int:
-        log_path = os.path.join(job_dir, jobdir.SUPERVISOR_LOG)
-        pid = os.posix_spawn(
-            self.python,
-            [self.python, "-I", "-S", SUPERVISOR_PATH, job_dir],
-            {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640),
-                (os.POSIX_SPAWN_DUP2, 1, 2),
-            ],
-            setsid=True,
-            setsigmask=SUPERVISOR_BLOCKED_SIGNALS,
-        )
-        self._spawned.add(pid)
-        return pid
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -513,14 +502,17 @@ class JobManager:
         finally:
             os.close(pidfd)
 
-    def _track(self, job_id: str, pid: int, start_ticks: int) -> None:
-        """Wake the job's listeners when its supervisor exits."""
+    def _track(self, job_id: str, pid: int, start_ticks: int, pidfd: int | None = None) -> None:
+        """Wake the job's listeners when its supervisor exits; take over ``pidfd`` if given."""
         if self._loop is None or job_id in self._supervisors:
+            if pidfd is not None:
+                os.close(pidfd)
             return
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
+        if pidfd is None:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return
         if not jobdir.process_is(pid, start_ticks):
             os.close(pidfd)
             return
@@ -535,7 +527,7 @@ class JobManager:
 
     def _on_supervisor_exit(self, job_id: str, pid: int) -> None:
         self._untrack(job_id)
-        self._reap_supervisors()
+        self.launcher.reap()
         with contextlib.suppress(JobNotFound):
             self.get(job_id)
         self._notify(job_id)
@@ -605,6 +597,13 @@ class JobManager:
         self.store.update(lost)
         self._untrack(record.id)
         return lost
+
+    def _remove_stale_pending(self, name: str) -> None:
+        server_pid = name[len(PENDING_PREFIX) :].split("-")[0]
+        if not server_pid.isdigit() or os.path.exists(f"/proc/{server_pid}"):
+            return
+        log.info("removing the pending cgroup %s of an ended fork server", name)
+        self._remove_cgroup(name)
 
     def _remove_cgroup(self, job_id: str) -> None:
         cgroup: JobCgroup = self.cgroups.for_job(job_id)

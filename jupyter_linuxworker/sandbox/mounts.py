@@ -63,18 +63,23 @@ def step(name: str, action: Callable[..., object], *args: object) -> None:
         raise SetupError(name, error) from None
 
 
+def make_mounts_private() -> None:
+    """Stop mount events between the host and this mount namespace, both ways."""
+    private = syscalls.MS_REC | syscalls.MS_PRIVATE
+    step("make mounts private", syscalls.mount, "none", "/", None, private)
+
+
 def setup_root(launch: dict[str, Any], image_userns: int, volume_userns: list[int]) -> str:
-    """Build the job's root below ``launch["staging"]``; return its path."""
+    """Build the job's root below ``launch["staging"]``; return its path.
+
+    Call :func:`make_mounts_private` first, so that none of these mounts reaches the host.
+    """
     staging: str = launch["staging"]
     root = os.path.join(staging, "root")
     lower = os.path.join(staging, "lower")
     upper = os.path.join(staging, "upper")
     work = os.path.join(staging, "work")
     owner = int(launch["id_map"]["host_start"])
-
-    # Host mounts must not see ours, and ours must not see later host mounts.
-    private = syscalls.MS_REC | syscalls.MS_PRIVATE
-    step("make mounts private", syscalls.mount, "none", "/", None, private)
 
     # The writable layer lives in a tmpfs of this mount namespace, so it dies with the job.
     layer_options = f"mode=755,size={launch['disk']}"

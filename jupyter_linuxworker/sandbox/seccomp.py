@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 from collections.abc import Mapping
@@ -289,8 +290,11 @@ def _if_arg0_matches_return_eperm(number: int, arg0_test: int, value: int) -> li
     ]
 
 
+@functools.lru_cache(maxsize=len(_ARCHITECTURES))
 def build_filter(machine: str | None = None) -> bytes:
     """Build the packed ``struct sock_filter`` array for ``machine`` (default: this machine).
+
+    The result is cached, so a process forked from one that built it skips the work.
 
     Raises SeccompError naming the machine when there is no syscall table for it.
     """

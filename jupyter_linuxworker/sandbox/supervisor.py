@@ -1,23 +1,27 @@
 """The per-job supervisor: one process per job, outside the job's cgroup and namespaces.
 
-The manager starts it as ``python -I -S supervisor.py JOB_DIR`` in a session of its own, with
-SIGUSR1 and SIGTERM blocked until its handlers exist. It creates the job's cgroup, forks the
+The fork server forks it (see forkserver.py); without one, the manager starts it as
+``python -I -S supervisor.py JOB_DIR``. Either way it runs in a session of its own, with
+SIGUSR1 and SIGTERM blocked until its handlers exist. It creates the job's cgroup, starts the
 container, drains the job's output into the log, enforces the timeout, carries out stop requests
 and writes how the job ended to ``state.json``. It outlives the manager that started it.
 
-It imports only the standard library and the engine's container modules: its start is on every
-job's latency path.
+A supervisor forked ahead of time runs :func:`run_prepared`: it prepares a container and a
+cgroup before any job exists, then waits for a job folder.
+
+It imports only the standard library and the engine's container modules, which keeps the start
+of an exec'd supervisor and the pages a forked one copies small.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import select
 import signal
+import socket
 import sys
 import time
 from typing import Any, Final
@@ -29,10 +33,15 @@ if __name__ == "__main__":
 
 from jupyter_linuxworker.sandbox import container, jobdir, syscalls, userns
 from jupyter_linuxworker.sandbox.cgroups import CgroupError, JobCgroup
+from jupyter_linuxworker.sandbox.container import PreparedContainer
+from jupyter_linuxworker.sandbox.mounts import SetupError
 from jupyter_linuxworker.sandbox.outputlog import STDERR, STDOUT, OutputWriter
 
 DRAIN_TIMEOUT: Final = 5.0
-PIPE_SIZE: Final = 1024 * 1024
+READY_MESSAGE: Final = b"ready"
+FAILED_MESSAGE: Final = b"failed"
+SUPERVISOR_TITLE: Final = "jupyter-linuxworker-supervisor"
+MAX_JOB_DIR: Final = 4096
 HANDLED_SIGNALS: Final = (signal.SIGUSR1, signal.SIGTERM, signal.SIGCHLD)
 IGNORED_SIGNALS: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE)
 
@@ -42,8 +51,9 @@ log = logging.getLogger("jupyter_linuxworker.supervisor")
 class Supervisor:
     """Run one job from its launch file to its final state."""
 
-    def __init__(self, job_dir: str) -> None:
+    def __init__(self, job_dir: str, title_prefix: str = SUPERVISOR_TITLE) -> None:
         self.job_dir = job_dir
+        self.title_prefix = title_prefix
         launch = jobdir.read_json(os.path.join(job_dir, jobdir.LAUNCH_FILE))
         if launch is None:
             raise FileNotFoundError(f"{job_dir} has no {jobdir.LAUNCH_FILE}")
@@ -56,7 +66,7 @@ class Supervisor:
         self.kill_deadline: float | None = None
         self.timeout_deadline: float | None = None
         self.pid1: int | None = None
-        self.container_pid: int | None = None
+        self.prepared: PreparedContainer | None = None
         self.started = False
         self.exit_status: int | None = None
         self.reaped: dict[int, int] = {}
@@ -122,41 +132,35 @@ class Supervisor:
 
     # -- the container ----------------------------------------------------------------------
 
-    def _reap(self, block: bool = False) -> None:
-        """Reap ended children into ``self.reaped``; with ``block``, wait for at least one."""
+    def _reap(self, block: bool = False) -> bool:
+        """Reap ended children into ``self.reaped``; with ``block``, wait for one.
+
+        Returns whether a child was reaped.
+        """
         flags = 0 if block else os.WNOHANG
+        reaped = False
         while True:
             try:
                 pid, status = os.waitpid(-1, flags)
             except ChildProcessError:
-                return
+                return reaped
             if pid == 0:
-                return
+                return reaped
             self.reaped[pid] = status
+            reaped = True
             if block:
-                return
+                return reaped
 
     @property
     def container_done(self) -> bool:
-        """Whether PID 1 has ended, or the container child failed before it forked PID 1."""
-        if self.pid1 is not None:
-            return self.pid1 in self.reaped
-        return self.reaped.get(self.container_pid or -1, 0) != 0
+        """Whether PID 1 has ended, or never existed."""
+        return self.pid1 is None or self.pid1 in self.reaped
 
     def _on_status_line(self, line: bytes) -> None:
         message = json.loads(line)
-        if "pid1" in message:
-            self.pid1 = int(message["pid1"])
-            timeout = self.launch.get("timeout")
-            if timeout:
-                # The timeout counts from the job's start, as started_at does.
-                self.timeout_deadline = time.monotonic() + float(timeout)
-            self.state.update(status="RUNNING", started_at=time.time(), pid1=self.pid1)
-            state_file = os.path.join(self.job_dir, jobdir.STATE_FILE)
-            jobdir.write_json(state_file, self.state, durable=False)
-            log.info("job %s: running as host pid %s", self.job_id, self.pid1)
-        elif "started" in message:
+        if "started" in message:
             self.started = True
+            self._record_running()
             if self.stop_reason is not None:
                 self._terminate()
         elif "exit_status" in message:
@@ -167,76 +171,135 @@ class Supervisor:
         elif "exec_error" in message:
             self.exec_error = message["exec_error"]
 
-    def run(self) -> None:
-        """Start the container, drain its output, and record how the job ended."""
-        wake_fd = self.install_signal_handlers()
+    def run(
+        self, prepared: PreparedContainer | None = None, pending: JobCgroup | None = None
+    ) -> None:
+        """Start the container, drain its output, and record how the job ended.
+
+        ``prepared`` is a container made before the job was known, and ``pending`` the cgroup
+        its PID 1 already joined, which becomes the job's cgroup by a rename.
+        """
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+        id_map = (int(self.launch["id_map"]["host_start"]), int(self.launch["id_map"]["size"]))
+        if prepared is not None and prepared.id_map != id_map:
+            log.info(
+                "job %s: the prepared container has another id map; making a new one", self.job_id
+            )
+            self._discard(prepared, pending)
+            prepared = pending = None
+        if prepared is None:
+            try:
+                prepared = container.prepare_container(id_map)
+            except SetupError as error:
+                return self._setup_failed(error.step, OSError(error.errno, str(error)))
+        self.prepared = prepared
+        self.pid1 = prepared.pid1
+
+        wake_fd = self.install_signal_handlers()
         self._handle_signals()
         if self.stop_reason is not None:
+            self._discard(prepared, pending)
             self._finish()
             return
 
+        # The cgroup: the prepared one renamed, or a new one that PID 1 is moved into.
         try:
-            self.cgroup.create()
+            if pending is not None:
+                pending.rename(self.cgroup)
+            else:
+                self.cgroup.create()
             self.cgroup.apply_limits(self.launch["limits"])
         except CgroupError as error:
+            self._discard(prepared, pending)
             return self._setup_failed("create cgroup", error)
+        if pending is None:
+            try:
+                self.cgroup.join(prepared.pid1)
+            except CgroupError as error:
+                self._discard(prepared, None)
+                return self._setup_failed("join cgroup", error)
         try:
-            job_userns, volume_userns = self._make_user_namespaces()
+            volume_userns = self._make_volume_namespaces()
         except OSError as error:
+            self._discard(prepared, None)
             return self._setup_failed("create user namespace", error)
 
         writer = OutputWriter(self.job_dir, int(self.launch["output_cap"]))
-        stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
-        stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
-        status_read, status_write = os.pipe2(os.O_CLOEXEC)
-        for fd in (stdout_read, stderr_read):
-            _set_pipe_size(fd)
-        fds = container.ContainerFds(
-            stdout_write, stderr_write, status_write, job_userns, volume_userns
-        )
-
-        self.container_pid = os.fork()
-        if self.container_pid == 0:
-            # Back to plain signal handling: the container child is not the supervisor.
-            signal.set_wakeup_fd(-1)
-            for signum in (*HANDLED_SIGNALS, *IGNORED_SIGNALS):
-                signal.signal(signum, signal.SIG_DFL)
-            for fd in (wake_fd, stdout_read, stderr_read, status_read):
+        try:
+            container.start_container(prepared, self.job_dir, volume_userns)
+        except SetupError as error:
+            self._discard(prepared, None)
+            return self._setup_failed(error.step, OSError(error.errno, str(error)))
+        finally:
+            for fd in volume_userns:
                 os.close(fd)
-            container.run_container(self.launch, fds)
-        for fd in (stdout_write, stderr_write, status_write, job_userns, *volume_userns):
-            os.close(fd)
+        self.prepared = None
+        self._after_start()
 
-        self._loop(wake_fd, writer, {stdout_read: STDOUT, stderr_read: STDERR}, status_read)
+        outputs = {prepared.stdout: STDOUT, prepared.stderr: STDERR}
+        self._loop(wake_fd, writer, outputs, prepared.status, prepared.status_buffer)
         writer.close()
         self.state.update(output_size=writer.size, output_truncated=writer.truncated)
         self._finish()
 
-    def _make_user_namespaces(self) -> tuple[int, list[int]]:
-        """Create the job's user namespace and one per volume owner, for the idmapped mounts."""
+    def _after_start(self) -> None:
+        """Do what can wait until PID 1 builds the root: name this process, record its pid."""
+        syscalls.set_process_title(f"{self.title_prefix} {self.job_dir}")
+        # The manager writes the same file; this copy covers a manager that ends before it.
+        jobdir.write_json(
+            os.path.join(self.job_dir, jobdir.SUPERVISOR_FILE),
+            {"pid": os.getpid(), "start_ticks": jobdir.process_start_ticks(os.getpid())},
+            durable=False,
+        )
+
+    def _record_running(self) -> None:
+        timeout = self.launch.get("timeout")
+        if timeout:
+            # The timeout counts from the job's start, as started_at does.
+            self.timeout_deadline = time.monotonic() + float(timeout)
+        self.state.update(status="RUNNING", started_at=time.time(), pid1=self.pid1)
+        state_file = os.path.join(self.job_dir, jobdir.STATE_FILE)
+        jobdir.write_json(state_file, self.state, durable=False)
+        log.info("job %s: running as host pid %s", self.job_id, self.pid1)
+
+    def _discard(self, prepared: PreparedContainer, pending: JobCgroup | None) -> None:
+        container.discard_container(prepared)
+        self.prepared = None
+        self.pid1 = None
+        if pending is not None:
+            try:
+                pending.remove()
+            except CgroupError as error:
+                log.error("job %s: %s", self.job_id, error)
+
+    def _make_volume_namespaces(self) -> list[int]:
+        """Create one user namespace per volume owner, for the idmapped mounts."""
         start = int(self.launch["id_map"]["host_start"])
-        size = int(self.launch["id_map"]["size"])
-        job_userns = userns.make_userns(f"0 {start} {size}", f"0 {start} {size}")
         # A volume's owner on the host is the job's root inside, so files the job writes there
         # belong to the owner of the volume's folder.
-        volume_userns = [
+        return [
             userns.make_userns(f"{v['owner_uid']} {start} 1", f"{v['owner_gid']} {start} 1")
             for v in self.launch["volumes"]
         ]
-        return job_userns, volume_userns
 
     def _setup_failed(self, step: str, error: OSError) -> None:
         self.setup_error = {"step": step, "errno": error.errno or 0, "message": str(error)}
         self._finish()
 
     def _loop(
-        self, wake_fd: int, writer: OutputWriter, outputs: dict[int, int], status_fd: int
+        self,
+        wake_fd: int,
+        writer: OutputWriter,
+        outputs: dict[int, int],
+        status_fd: int,
+        status_buffer: bytes,
     ) -> None:
         poller = select.poll()
         for fd in (wake_fd, status_fd, *outputs):
             poller.register(fd, select.POLLIN)
-        status_buffer = b""
+        while b"\n" in status_buffer:
+            line, status_buffer = status_buffer.split(b"\n", 1)
+            self._on_status_line(line)
         drain_deadline: float | None = None
 
         while outputs or status_fd >= 0:
@@ -286,17 +349,18 @@ class Supervisor:
             if status_fd < 0 and not outputs:
                 break
 
-        # Every pipe is closed: wait for the processes that have not been reaped yet.
+        # Every pipe is closed: wait for PID 1 if it has not been reaped yet.
         for fd in outputs:
             os.close(fd)
-        while not self.container_done and self.container_pid is not None:
-            if self.container_pid in self.reaped and self.pid1 is None:
+        while not self.container_done:
+            if not self._reap(block=True):
                 break
-            self._reap(block=True)
 
     # -- the end ----------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        if self.prepared is not None:
+            self._discard(self.prepared, None)
         # Usage and OOM kills live in the cgroup: read them before it is removed.
         try:
             self.usage = self.cgroup.usage() if self.cgroup.exists() else {}
@@ -412,27 +476,14 @@ def _drain_wakeups(fd: int) -> None:
         pass
 
 
-def _set_pipe_size(fd: int) -> None:
-    # Past /proc/sys/fs/pipe-max-size the default 64 KiB stays: it works, only slower.
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-
-
-def main(argv: list[str]) -> int:
-    """Supervise the job in folder ``argv[1]``."""
-    if len(argv) != 2:
-        sys.stderr.write("usage: supervisor.py JOB_DIR\n")
-        return 2
-    job_dir = argv[1]
+def supervise(
+    job_dir: str, prepared: PreparedContainer | None = None, pending: JobCgroup | None = None
+) -> int:
+    """Supervise the job in ``job_dir``; return the supervisor's exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     supervisor = Supervisor(job_dir)
-    jobdir.write_json(
-        os.path.join(job_dir, jobdir.SUPERVISOR_FILE),
-        {"pid": os.getpid(), "start_ticks": jobdir.process_start_ticks(os.getpid())},
-        durable=False,
-    )
     try:
-        supervisor.run()
+        supervisor.run(prepared, pending)
     except Exception:
         log.exception("job %s: supervisor failed", supervisor.job_id)
         supervisor.supervisor_error = (
@@ -441,6 +492,68 @@ def main(argv: list[str]) -> int:
         supervisor._finish()
         return 1
     return 0
+
+
+def run_prepared(conn: socket.socket, id_map: tuple[int, int], pending: JobCgroup | None) -> int:
+    """Prepare a container, report on ``conn``, then supervise the job that ``conn`` names.
+
+    ``pending`` is a cgroup to create and move PID 1 into now, so that no job waits for the
+    move: the first write to cgroup.procs after a quiet spell waits for an RCU grace period
+    (milliseconds). The job's cgroup is then made by renaming it, which only cgroup v1 allows.
+
+    The report is ``ready`` or ``failed``. A job folder may arrive before it; after a failed
+    preparation, the job is supervised as if nothing was prepared, so its record gets the
+    reason of the failure. An empty message on ``conn`` discards the container.
+    """
+    syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+    prepared = _prepare_quietly(id_map, pending)
+    if prepared is None:
+        pending = None
+    # The fork server closes its end once it has sent a job, which may come before this report.
+    with contextlib.suppress(ConnectionError):
+        conn.send(READY_MESSAGE if prepared is not None else FAILED_MESSAGE)
+    request = conn.recv(MAX_JOB_DIR)
+    conn.close()
+    if not request:
+        if prepared is not None:
+            container.discard_container(prepared)
+        if pending is not None:
+            pending.remove()
+        return 0
+    job_dir = os.fsdecode(request)
+    jobdir.redirect_output(job_dir)
+    return supervise(job_dir, prepared, pending)
+
+
+def _prepare_quietly(
+    id_map: tuple[int, int], pending: JobCgroup | None
+) -> PreparedContainer | None:
+    """Return a prepared container in ``pending``, or None after logging why that failed."""
+    try:
+        prepared = container.prepare_container(id_map)
+    except SetupError as error:
+        log.error("preparing a container failed at step %r: %s", error.step, error)
+        return None
+    if pending is None:
+        return prepared
+    try:
+        pending.create()
+        pending.join(prepared.pid1)
+    except CgroupError as error:
+        log.error("preparing a container failed: %s", error)
+        container.discard_container(prepared)
+        with contextlib.suppress(CgroupError):
+            pending.remove()
+        return None
+    return prepared
+
+
+def main(argv: list[str]) -> int:
+    """Supervise the job in folder ``argv[1]``."""
+    if len(argv) != 2:
+        sys.stderr.write("usage: supervisor.py JOB_DIR\n")
+        return 2
+    return supervise(argv[1])
 
 
 if __name__ == "__main__":

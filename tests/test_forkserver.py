@@ -1,0 +1,170 @@
+"""Supervisor start modes: the fork server, its prepared supervisor, and their clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from conftest import assert_no_leftovers, wait_for_exit
+
+from jupyter_linuxworker.sandbox import jobdir
+from jupyter_linuxworker.sandbox.cgroups import JobCgroup
+from jupyter_linuxworker.sandbox.forkserver import PENDING_PREFIX
+from jupyter_linuxworker.sandbox.manager import JobManager
+from jupyter_linuxworker.sandbox.store import JobStatus
+
+READY_TIMEOUT = 10.0
+
+
+def pending_cgroups(manager: JobManager) -> set[str]:
+    """Return the names of the pending cgroups below the manager's cgroup parents."""
+    return {name for name in manager.cgroups.job_ids() if name.startswith(PENDING_PREFIX)}
+
+
+def children_of(pid: int) -> list[int]:
+    """Return the pids whose parent is ``pid``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def command_line(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as file:
+        return file.read()
+
+
+async def prepared_supervisor(manager: JobManager) -> int:
+    """Wait until the fork server has a prepared supervisor with its cgroup; return its pid."""
+    server = manager.launcher.server_pid
+    assert server is not None
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        prepared = [pid for pid in children_of(server) if b"(prepared" in command_line(pid)]
+        if prepared and any(str(server) in name for name in pending_cgroups(manager)):
+            return prepared[0]
+        assert time.monotonic() < deadline, "no prepared supervisor appeared"
+        await asyncio.sleep(0.02)
+
+
+async def run_echo(manager: JobManager) -> None:
+    job = await manager.submit({"command": "echo hi; echo oops >&2"})
+    record = await manager.wait(job.id, timeout=10)
+    assert record.status == JobStatus.COMPLETED
+    assert manager.read_output(job.id) in (b"hi\noops\n", b"oops\nhi\n")
+    assert manager.stderr_ranges(job.id) != []
+
+
+@pytest.mark.parametrize("mode", ["prepared", "fork", "exec"])
+async def test_each_start_mode_runs_jobs(state_dir: str, mode: str) -> None:
+    manager = JobManager(state_dir, supervisor_start=mode)  # type: ignore[arg-type]
+    await manager.start()
+    try:
+        for _ in range(3):
+            await run_echo(manager)
+        assert_no_leftovers(manager)
+    finally:
+        await manager.close()
+    assert pending_cgroups(manager) == set()
+
+
+async def test_unknown_start_mode_is_rejected(state_dir: str) -> None:
+    with pytest.raises(ValueError, match="invalid supervisor start mode 'spawn'"):
+        JobManager(state_dir, supervisor_start="spawn")  # type: ignore[arg-type]
+
+
+async def test_prepared_supervisor_runs_the_job(manager: JobManager) -> None:
+    prepared = await prepared_supervisor(manager)
+    pending = pending_cgroups(manager)
+
+    job = await manager.submit({"command": "echo hi; sleep 30"})
+    info = jobdir.read_json(os.path.join(manager.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
+    assert info is not None
+    assert info["pid"] == prepared
+    while manager.get(job.id).status != JobStatus.RUNNING:
+        await asyncio.sleep(0.02)
+
+    # Its pending cgroup became the job's cgroup, with the job's processes in it.
+    assert not pending & pending_cgroups(manager)
+    assert len(manager.cgroups.for_job(job.id).pids()) == 2
+    title = command_line(prepared)
+    assert title.startswith(b"jupyter-linuxworker-supervisor " + manager.jobs_dir.encode())
+    record = await manager.stop(job.id, grace=0)
+    assert record.status == JobStatus.STOPPED
+
+
+async def test_close_removes_prepared_supervisor(state_dir: str) -> None:
+    manager = JobManager(state_dir)
+    await manager.start()
+    prepared = await prepared_supervisor(manager)
+    server = manager.launcher.server_pid
+    assert server is not None
+    await manager.close()
+
+    wait_for_exit(prepared)
+    wait_for_exit(server)
+    assert pending_cgroups(manager) == set()
+
+
+async def test_killed_fork_server_is_replaced(manager: JobManager) -> None:
+    prepared = await prepared_supervisor(manager)
+    first = manager.launcher.server_pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_for_exit(first)
+    # The prepared supervisor reads the end of its socket and discards its container.
+    wait_for_exit(prepared)
+
+    await run_echo(manager)
+    assert manager.launcher.server_pid not in (None, first)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while any(str(first) in name for name in pending_cgroups(manager)):
+        assert time.monotonic() < deadline, "the killed server's pending cgroup stayed"
+        await asyncio.sleep(0.02)
+
+
+async def test_killed_prepared_supervisor_is_replaced(manager: JobManager) -> None:
+    prepared = await prepared_supervisor(manager)
+    server = manager.launcher.server_pid
+    names = {name for name in pending_cgroups(manager) if str(server) in name}
+    os.kill(prepared, signal.SIGKILL)
+    wait_for_exit(prepared)
+
+    await run_echo(manager)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while names & pending_cgroups(manager):
+        assert time.monotonic() < deadline, f"pending cgroups {names} stayed"
+        await asyncio.sleep(0.02)
+
+
+async def test_start_removes_stale_pending_cgroup(state_dir: str) -> None:
+    probe = JobManager(state_dir)
+    # A pid above any pid_max: no fork server runs as it.
+    stale = probe.cgroups.for_job(f"{PENDING_PREFIX}99999999-1")
+    stale.create()
+    try:
+        manager = JobManager(state_dir)
+        await manager.start()
+        await manager.close()
+        assert not stale.exists()
+    finally:
+        JobCgroup(stale.version, stale.paths).remove()
+
+
+async def test_jobs_in_a_burst_all_start(manager: JobManager) -> None:
+    jobs = await asyncio.gather(*(manager.submit({"command": "echo $$"}) for _ in range(12)))
+    records = [await manager.wait(job.id, timeout=20) for job in jobs]
+    assert [record.status for record in records] == [JobStatus.COMPLETED] * 12
+    # Each command is the first process after init in a PID namespace of its own.
+    assert [manager.read_output(job.id) for job in jobs] == [b"2\n"] * 12
