@@ -32,6 +32,9 @@ class ScaleResults:
     supervisor_cpu: Samples = field(default_factory=Samples)
     job_cpu: Samples = field(default_factory=Samples)
     pss: Samples = field(default_factory=Samples)  # bytes per supervisor
+    # PSS bytes of the fork server and of its prepared supervisor and that one's PID 1, which
+    # serve every job.
+    shared_pss: int = 0
     rss: Samples = field(default_factory=Samples)
     private: Samples = field(default_factory=Samples)
     host_delta_per_job: float | None = None  # bytes: used memory growth minus the jobs' cgroups
@@ -143,7 +146,49 @@ async def start_jobs(state_dir: str, count: int, ids: list[str], results: ScaleR
             results.private.add(rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0))
             charged += cgroup_memory(manager, job_id)
         results.cgroup_per_job = charged / count
+        results.shared_pss = shared_pss(manager)
         results.host_delta_per_job = (used_after - used_before - charged) / count
+
+
+def shared_pss(manager: JobManager) -> int:
+    """Return the PSS of the fork server and of its children that run no job yet."""
+    server = manager.launcher.server_pid
+    if server is None:
+        return 0
+    total = smaps_rollup(server).get("Pss", 0)
+    for pid in descendants(server):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                title = file.read()
+        except OSError:
+            continue
+        # A supervisor that runs a job is counted with its job; the prepared one and its PID 1
+        # (an "init" with no job yet) are overhead shared by all jobs.
+        if b"(prepared" in title or title.startswith(b"init"):
+            total += smaps_rollup(pid).get("Pss", 0)
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the pids below ``pid`` in the process tree."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
 
 
 def get_latency(api: Api, ids: list[str], requests: int, results: ScaleResults) -> None:

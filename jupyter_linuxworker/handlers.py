@@ -205,13 +205,21 @@ class JobsHandler(LinuxWorkerHandler):
     async def post(self) -> None:
         """Submit a job: 201 with the job, 400 naming a bad field, 429 past the running limit."""
         body = self.json_body()
-        running = self.app.manager.list(
-            statuses=(JobStatus.PENDING, JobStatus.RUNNING), owner=self.owner, limit=MAX_PAGE_SIZE
-        )
-        if len(running) >= self.app.max_running_jobs_per_user:
+        limit = self.app.max_running_jobs_per_user
+        running = self.app.manager.count_active(self.owner)
+        if running >= limit:
+            # The quick count may include jobs that have just ended: refresh them to be exact.
+            running = len(
+                self.app.manager.list(
+                    statuses=(JobStatus.PENDING, JobStatus.RUNNING),
+                    owner=self.owner,
+                    limit=MAX_PAGE_SIZE,
+                )
+            )
+        if running >= limit:
             raise web.HTTPError(
                 429,
-                f"{len(running)} jobs are running for {self.owner!r}, the maximum is "
+                f"{running} jobs are running for {self.owner!r}, the maximum is "
                 f"{self.app.max_running_jobs_per_user}; wait for one to end or stop one",
             )
         record = await self.app.manager.submit(self.app.complete_spec(body), owner=self.owner)

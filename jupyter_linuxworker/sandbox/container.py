@@ -1,11 +1,11 @@
 """The container side of a job: namespaces, user namespace, and PID 1.
 
-:func:`prepare_container` needs no job: it creates the job's user namespace, and forks a child
-that unshares the mount, PID, UTS, IPC and network namespaces, forks PID 1 of the new PID
-namespace, then exits, so PID 1 is reparented to the supervisor (a child subreaper). PID 1
-makes its mounts private, brings loopback up and waits for :func:`start_container` to send it
-the job's folder. The fork
-server prepares a container before a job is submitted, so this work is off the job's start path.
+:func:`prepare_container` needs no job. It forks a child that unshares the mount, PID, UTS,
+IPC and network namespaces, forks PID 1 of the new PID namespace, then unshares a user
+namespace for the job, whose maps the supervisor writes. The child then exits, so PID 1 is
+reparented to the supervisor (a child subreaper). PID 1 makes its mounts private, brings
+loopback up and waits for :func:`start_container` to send it the job's folder. The fork server
+prepares a container before a job is submitted, so this work is off the job's start path.
 
 Once started, PID 1 unshares the cgroup namespace (the supervisor has moved it into the job's
 cgroup by then), builds the root while still host root, then enters the job's user namespace.
@@ -41,7 +41,8 @@ NAMESPACES: Final = (
     | syscalls.CLONE_NEWIPC
     | syscalls.CLONE_NEWNET
 )
-# SCM_MAX_FD of Linux: the most descriptors one message can carry, so the most volume owners.
+# SCM_MAX_FD of Linux: the most descriptors one message can carry: the job's user namespace
+# and one per volume owner.
 MAX_PASSED_FDS: Final = 253
 MAX_START_MESSAGE: Final = 4096
 SETUP_FAILED_EXIT: Final = 125
@@ -80,12 +81,11 @@ _IFF_UP: Final = 0x1
 
 @dataclass(frozen=True)
 class ContainerFds:
-    """The descriptors PID 1 keeps from the supervisor: the write ends and the user namespace."""
+    """The write ends of the pipes that PID 1 keeps from the supervisor."""
 
     stdout: int
     stderr: int
     status: int
-    job_userns: int
 
 
 @dataclass
@@ -100,51 +100,63 @@ class PreparedContainer:
     status: int
     # Status lines read past PID 1's pid while waiting for it.
     status_buffer: bytes
+    # The job's user namespace, which PID 1 gets when it starts.
+    job_userns: int
 
 
 def prepare_container(id_map: tuple[int, int]) -> PreparedContainer:
-    """Create the user namespace, the pipes and PID 1; raise SetupError naming the failed step.
+    """Create the pipes, PID 1 and the user namespace; raise SetupError naming the failed step.
 
     The caller must be a child subreaper, so that PID 1 becomes its child.
     """
-    start, size = id_map
-    try:
-        job_userns = userns.make_userns(f"0 {start} {size}", f"0 {start} {size}")
-    except OSError as error:
-        raise SetupError("create user namespace", error) from None
     try:
         stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
         stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
         status_read, status_write = os.pipe2(os.O_CLOEXEC)
+        release_read, release_write = os.pipe2(os.O_CLOEXEC)
         control, pid1_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     except OSError as error:
-        os.close(job_userns)
         raise SetupError("create pipes", error) from None
     for fd in (stdout_read, stderr_read):
         _set_pipe_size(fd)
-    fds = ContainerFds(stdout_write, stderr_write, status_write, job_userns)
+    fds = ContainerFds(stdout_write, stderr_write, status_write)
 
     container_pid = os.fork()
     if container_pid == 0:
-        for fd in (stdout_read, stderr_read, status_read):
+        for fd in (stdout_read, stderr_read, status_read, release_write):
             os.close(fd)
         control.close()
-        _run_container(fds, pid1_control)
-    for fd in (stdout_write, stderr_write, status_write, job_userns):
+        _run_container(fds, pid1_control, release_read)
+    for fd in (stdout_write, stderr_write, status_write, release_read):
         os.close(fd)
     pid1_control.close()
 
-    # The container child reports PID 1's pid, or how it failed, and exits.
+    # The container child reports PID 1's pid, or how it failed, and waits in the job's new
+    # user namespace until its maps are written.
     buffer = b""
     while b"\n" not in buffer:
         data = os.read(status_read, 65536)
         if not data:
             break
         buffer += data
-    os.waitpid(container_pid, 0)
     line, _, rest = buffer.partition(b"\n")
     message = json.loads(line) if line else {}
-    if "pid1" not in message:
+    job_userns = -1
+    try:
+        if "pid1" in message:
+            start, size = id_map
+            id_line = f"0 {start} {size}"
+            job_userns = userns.map_and_open(container_pid, id_line, id_line)
+    except OSError as error:
+        _signal_quietly(int(message["pid1"]), signal.SIGKILL)
+        text = f"create user namespace: {error}"
+        failure = {"step": "create user namespace", "errno": error.errno or 0, "message": text}
+        message = {"setup_error": failure}
+    finally:
+        os.close(release_write)
+        os.waitpid(container_pid, 0)
+
+    if job_userns < 0:
         for fd in (stdout_read, stderr_read, status_read):
             os.close(fd)
         control.close()
@@ -153,21 +165,31 @@ def prepare_container(id_map: tuple[int, int]) -> PreparedContainer:
         text = failure.get("message", "the container child ended without reporting PID 1")
         raise SetupError(failure.get("step", "fork PID 1"), OSError(errno_value, text))
     return PreparedContainer(
-        id_map, int(message["pid1"]), control, stdout_read, stderr_read, status_read, rest
+        id_map,
+        int(message["pid1"]),
+        control,
+        stdout_read,
+        stderr_read,
+        status_read,
+        rest,
+        job_userns,
     )
 
 
 def start_container(prepared: PreparedContainer, job_dir: str, volume_userns: list[int]) -> None:
-    """Send PID 1 the job's folder and the volumes' user namespaces; PID 1 takes it from there.
+    """Send PID 1 the job's folder and the user namespaces; PID 1 takes it from there.
 
     The caller has moved PID 1 into the job's cgroup. Raises SetupError if PID 1 is gone.
     """
     try:
-        socket.send_fds(prepared.control, [os.fsencode(job_dir)], volume_userns)
+        socket.send_fds(
+            prepared.control, [os.fsencode(job_dir)], [prepared.job_userns, *volume_userns]
+        )
     except OSError as error:
         raise SetupError("start PID 1", error) from None
     finally:
         prepared.control.close()
+        os.close(prepared.job_userns)
 
 
 def discard_container(prepared: PreparedContainer) -> None:
@@ -177,7 +199,7 @@ def discard_container(prepared: PreparedContainer) -> None:
         os.kill(prepared.pid1, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(prepared.pid1, 0)
-    for fd in (prepared.stdout, prepared.stderr, prepared.status):
+    for fd in (prepared.stdout, prepared.stderr, prepared.status, prepared.job_userns):
         with contextlib.suppress(OSError):
             os.close(fd)
 
@@ -204,8 +226,12 @@ def _fail(status_fd: int, error: SetupError | OSError, step_name: str = "") -> N
         os._exit(SETUP_FAILED_EXIT)
 
 
-def _run_container(fds: ContainerFds, control: socket.socket) -> NoReturn:
-    """Unshare the namespaces and fork PID 1; never returns."""
+def _run_container(fds: ContainerFds, control: socket.socket, release: int) -> NoReturn:
+    """Unshare the namespaces, fork PID 1, then hold the job's user namespace; never returns.
+
+    The user namespace is created here, after the fork, so PID 1 stays host root to build the
+    root. The supervisor writes its maps and opens it before this process exits.
+    """
     try:
         step("unshare namespaces", syscalls.unshare, NAMESPACES)
         pid1 = os.fork()
@@ -215,20 +241,28 @@ def _run_container(fds: ContainerFds, control: socket.socket) -> NoReturn:
         _fail(fds.status, error, "fork PID 1")
 
     if pid1 == 0:
+        os.close(release)
         _run_pid1(fds, control)
+    try:
+        step("create user namespace", syscalls.unshare, syscalls.CLONE_NEWUSER)
+    except SetupError as error:
+        _signal_quietly(pid1, signal.SIGKILL)
+        _fail(fds.status, error)
     _send(fds.status, {"pid1": pid1})
+    os.read(release, 1)
     os._exit(0)
 
 
-def _wait_for_start(control: socket.socket) -> tuple[str, list[int]]:
-    message, volume_userns, _flags, _address = socket.recv_fds(
+def _wait_for_start(control: socket.socket) -> tuple[str, int, list[int]]:
+    """Return the job's folder, its user namespace and the volumes' user namespaces."""
+    message, userns_fds, _flags, _address = socket.recv_fds(
         control, MAX_START_MESSAGE, MAX_PASSED_FDS
     )
     control.close()
-    if not message:
+    if not message or not userns_fds:
         # The supervisor discarded this container, or ended.
         os._exit(0)
-    return os.fsdecode(message), volume_userns
+    return os.fsdecode(message), userns_fds[0], userns_fds[1:]
 
 
 def _run_pid1(fds: ContainerFds, control: socket.socket) -> NoReturn:
@@ -239,7 +273,7 @@ def _run_pid1(fds: ContainerFds, control: socket.socket) -> NoReturn:
     except SetupError as error:
         _fail(fds.status, error)
 
-    job_dir, volume_userns = _wait_for_start(control)
+    job_dir, job_userns, volume_userns = _wait_for_start(control)
     try:
         launch = jobdir.read_json(os.path.join(job_dir, jobdir.LAUNCH_FILE))
         if launch is None:
@@ -248,15 +282,15 @@ def _run_pid1(fds: ContainerFds, control: socket.socket) -> NoReturn:
         _fail(fds.status, OSError(errno.EIO, str(error)), "read the launch file")
     try:
         step("unshare the cgroup namespace", syscalls.unshare, syscalls.CLONE_NEWCGROUP)
-        root = setup_root(launch, fds.job_userns, volume_userns)
+        root = setup_root(launch, job_userns, volume_userns)
         step("set hostname", socket.sethostname, launch["hostname"])
         step("enter new root", pivot_root, root)
-        step("enter user namespace", _enter_userns, fds.job_userns)
+        step("enter user namespace", _enter_userns, job_userns)
         workdir = launch["workdir"]
         step(f"enter working directory {workdir}", _enter_workdir, workdir)
     except SetupError as error:
         _fail(fds.status, error)
-    for fd in (fds.job_userns, *volume_userns):
+    for fd in (job_userns, *volume_userns):
         os.close(fd)
 
     forwarded: list[int] = []

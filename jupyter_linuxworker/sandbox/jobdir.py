@@ -16,7 +16,6 @@ STOP_FILE: Final = "stop.json"
 SUPERVISOR_FILE: Final = "supervisor.json"
 STATE_FILE: Final = "state.json"
 SUPERVISOR_LOG: Final = "supervisor.log"
-STAGING_DIR: Final = "mnt"
 
 
 def write_json(path: str, data: dict[str, Any], durable: bool = True) -> None:

@@ -59,6 +59,7 @@ TOTAL_PIDS_FRACTION: Final = 0.5
 STOP_WAIT_MARGIN: Final = 5.0
 FOLLOW_CHUNK: Final = 1024 * 1024
 MAX_ADOPTED_JOBS: Final = 100_000
+STAGING_DIR: Final = "staging"
 JOB_ID_PATTERN: Final = re.compile(r"^[0-9a-f]{32}$")
 
 log = logging.getLogger("jupyter_linuxworker.manager")
@@ -116,6 +117,9 @@ class JobManager:
     ) -> None:
         self.state_dir = os.path.abspath(state_dir or default_state_dir())
         self.jobs_dir = os.path.join(self.state_dir, "jobs")
+        # The empty folder that each job's PID 1 mounts its writable layer on, in its own
+        # private mount namespace: the mounts of different jobs never meet.
+        self.staging_dir = os.path.join(self.state_dir, STAGING_DIR)
         self.images = ImageStore(os.path.join(self.state_dir, "images"))
         self.volume_roots = [
             os.path.abspath(r)
@@ -164,6 +168,7 @@ class JobManager:
         self._loop = asyncio.get_running_loop()
         for folder in (self.state_dir, self.jobs_dir):
             os.makedirs(folder, mode=0o711, exist_ok=True)
+        os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
         if "," in self.state_dir or ":" in self.state_dir:
             raise ValueError(
                 f"state folder {self.state_dir}: ',' and ':' cannot be used in overlay mount "
@@ -246,7 +251,6 @@ class JobManager:
         job_id = uuid.uuid4().hex
         job_dir = self._job_dir(job_id)
         os.mkdir(job_dir, 0o700)
-        os.mkdir(os.path.join(job_dir, jobdir.STAGING_DIR), 0o700)
         launch = {
             "job_id": job_id,
             "hostname": job_id[:12],
@@ -254,7 +258,7 @@ class JobManager:
             "env": spec.environ,
             "workdir": spec.workdir,
             "image_root": image_root,
-            "staging": os.path.join(job_dir, jobdir.STAGING_DIR),
+            "staging": self.staging_dir,
             "volumes": volumes,
             "disk": spec.limits.disk or self.disk,
             "cgroup": self.cgroups.for_job(job_id).to_dict(),
@@ -382,6 +386,15 @@ class JobManager:
         )
         return [self._refresh(record) for record in records]
 
+    def count_active(self, owner: str | None = None) -> int:
+        """Return how many jobs (of ``owner``, if given) are PENDING or RUNNING.
+
+        The count comes from the records without reading each job's folder, so it may include
+        a job that ended a moment ago and whose supervisor's exit has not been handled yet.
+        """
+        active = (JobStatus.PENDING, JobStatus.RUNNING)
+        return self.store.count(statuses=active, owner=owner)
+
     def read_output(self, job_id: str, offset: int = 0, size: int = -1) -> bytes:
         """Return up to ``size`` bytes (all if negative) of the job's output log from ``offset``."""
         self.get(job_id)
@@ -477,7 +490,13 @@ class JobManager:
     # -- supervisors ------------------------------------------------------------------------
 
     def _supervisor_info(self, job_id: str) -> tuple[int, int] | None:
-        info = jobdir.read_json(os.path.join(self._job_dir(job_id), jobdir.SUPERVISOR_FILE))
+        job_dir = self._job_dir(job_id)
+        info = jobdir.read_json(os.path.join(job_dir, jobdir.SUPERVISOR_FILE))
+        if info is None:
+            # A manager that ended right after starting the supervisor wrote no file; the
+            # supervisor records itself in state.json once the job runs.
+            state = jobdir.read_json(os.path.join(job_dir, jobdir.STATE_FILE)) or {}
+            info = state.get("supervisor")
         if not info or info.get("start_ticks") is None:
             return None
         return int(info["pid"]), int(info["start_ticks"])

@@ -39,9 +39,9 @@ class OutputWriter:
         flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         # Read access too: the truncation marker depends on the last byte written.
         self._log = os.open(os.path.join(job_dir, LOG_NAME), flags | os.O_RDWR, 0o640)
-        self._ranges = os.open(
-            os.path.join(job_dir, RANGES_NAME), flags | os.O_WRONLY | os.O_APPEND, 0o640
-        )
+        # Created with the first stderr byte: most jobs' output needs no range file.
+        self._ranges_path = os.path.join(job_dir, RANGES_NAME)
+        self._ranges = -1
         self.cap = cap
         self.size = 0
         self.truncated = False
@@ -77,6 +77,9 @@ class OutputWriter:
         if not data:
             return
         if stream != STDOUT:
+            if self._ranges < 0:
+                flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_WRONLY | os.O_APPEND
+                self._ranges = os.open(self._ranges_path, flags, 0o640)
             os.write(self._ranges, RANGE_RECORD.pack(self.size, self.size + len(data), stream))
         written = 0
         while written < len(data):
@@ -92,7 +95,8 @@ class OutputWriter:
         """Flush the log to disk and close it."""
         os.fsync(self._log)
         os.close(self._log)
-        os.close(self._ranges)
+        if self._ranges >= 0:
+            os.close(self._ranges)
 
 
 def read_ranges(job_dir: str) -> list[tuple[int, int, int]]:

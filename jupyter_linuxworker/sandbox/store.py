@@ -235,6 +235,15 @@ class JobStore:
         ).fetchall()
         return [_record_from_row(row) for row in rows]
 
+    def count(self, *, statuses: tuple[JobStatus, ...], owner: str | None = None) -> int:
+        """Return how many records have one of ``statuses`` (and ``owner``, if given)."""
+        query = f"SELECT COUNT(*) FROM jobs WHERE status IN ({', '.join('?' for _ in statuses)})"
+        params: list[Any] = [status.value for status in statuses]
+        if owner is not None:
+            query += " AND owner=?"
+            params.append(owner)
+        return int(self._db.execute(query, params).fetchone()[0])
+
     def ids_with_prefix(
         self, prefix: str, owner: str | None = None, limit: int = 2
     ) -> builtins.list[str]:

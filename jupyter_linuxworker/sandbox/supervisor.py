@@ -15,7 +15,9 @@ of an exec'd supervisor and the pages a forked one copies small.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ import select
 import signal
 import socket
 import sys
+import termios
 import time
 from typing import Any, Final
 
@@ -60,7 +63,15 @@ class Supervisor:
         self.launch: dict[str, Any] = launch
         self.job_id: str = launch["job_id"]
         self.cgroup = JobCgroup.from_dict(launch["cgroup"])
-        self.state: dict[str, Any] = {"status": "PENDING"}
+        # The manager records this process in supervisor.json too; the copy in state.json
+        # covers a manager that ended before it wrote that file.
+        self.state: dict[str, Any] = {
+            "status": "PENDING",
+            "supervisor": {
+                "pid": os.getpid(),
+                "start_ticks": jobdir.process_start_ticks(os.getpid()),
+            },
+        }
 
         self.stop_reason: str | None = None
         self.kill_deadline: float | None = None
@@ -156,6 +167,13 @@ class Supervisor:
         """Whether PID 1 has ended, or never existed."""
         return self.pid1 is None or self.pid1 in self.reaped
 
+    def _pump(self, writer: OutputWriter, fd: int, stream: int) -> bool:
+        # Output means the command runs, even if PID 1's report is still in its pipe: a reader
+        # of the log must find the job RUNNING.
+        if self.state["status"] != "RUNNING" and _bytes_waiting(fd) > 0:
+            self._record_running()
+        return writer.pump(fd, stream)
+
     def _on_status_line(self, line: bytes) -> None:
         message = json.loads(line)
         if "started" in message:
@@ -243,16 +261,12 @@ class Supervisor:
         self._finish()
 
     def _after_start(self) -> None:
-        """Do what can wait until PID 1 builds the root: name this process, record its pid."""
+        """Do what can wait until PID 1 builds the root."""
         syscalls.set_process_title(f"{self.title_prefix} {self.job_dir}")
-        # The manager writes the same file; this copy covers a manager that ends before it.
-        jobdir.write_json(
-            os.path.join(self.job_dir, jobdir.SUPERVISOR_FILE),
-            {"pid": os.getpid(), "start_ticks": jobdir.process_start_ticks(os.getpid())},
-            durable=False,
-        )
 
     def _record_running(self) -> None:
+        if self.state["status"] == "RUNNING":
+            return
         timeout = self.launch.get("timeout")
         if timeout:
             # The timeout counts from the job's start, as started_at does.
@@ -341,7 +355,7 @@ class Supervisor:
                     while b"\n" in status_buffer:
                         line, status_buffer = status_buffer.split(b"\n", 1)
                         self._on_status_line(line)
-                elif not writer.pump(fd, outputs[fd]):
+                elif not self._pump(writer, fd, outputs[fd]):
                     poller.unregister(fd)
                     os.close(fd)
                     del outputs[fd]
@@ -370,8 +384,6 @@ class Supervisor:
             self.cgroup.remove()
         except CgroupError as error:
             log.error("job %s: %s", self.job_id, error)
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(os.path.join(self.job_dir, jobdir.STAGING_DIR))
 
         self.state.update(self._outcome(), ended_at=time.time(), usage=self.usage)
         self.state.setdefault("started_at", None)
@@ -466,6 +478,12 @@ class Supervisor:
                 "detail": f"exited with code {exit_code}",
             }
         return {**outcome, "status": "COMPLETED"}
+
+
+def _bytes_waiting(fd: int) -> int:
+    waiting = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, waiting)
+    return waiting[0]
 
 
 def _drain_wakeups(fd: int) -> None:

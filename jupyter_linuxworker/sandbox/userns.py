@@ -53,14 +53,23 @@ def make_userns(uid_map: str, gid_map: str) -> int:
     try:
         if os.read(ready_read, 1) != b"1":
             raise OSError(f"creating a user namespace failed in child {pid}")
-        with open(f"/proc/{pid}/uid_map", "w", encoding="ascii") as file:
-            file.write(uid_map)
-        with open(f"/proc/{pid}/gid_map", "w", encoding="ascii") as file:
-            file.write(gid_map)
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return map_and_open(pid, uid_map, gid_map)
     finally:
         os.close(ready_read)
         os.close(done_write)
         # The supervisor's SIGCHLD handler may reap the child first.
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+
+def map_and_open(pid: int, uid_map: str, gid_map: str) -> int:
+    """Write the maps of the new user namespace of process ``pid``; return a descriptor of it.
+
+    The caller must be root in the parent user namespace, and ``pid`` must stay alive until
+    this returns.
+    """
+    with open(f"/proc/{pid}/uid_map", "w", encoding="ascii") as file:
+        file.write(uid_map)
+    with open(f"/proc/{pid}/gid_map", "w", encoding="ascii") as file:
+        file.write(gid_map)
+    return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
