@@ -171,8 +171,8 @@ _PID1_STEPS = (
     (
         "pid1_go",
         "root_ready",
-        "PID 1: read launch.json, unshare the cgroup namespace, build the root (tmpfs, "
-        "idmapped image, overlay, mounts)",
+        "PID 1: read launch.json, unshare the cgroup namespace, mount the volumes (the root "
+        "was built while preparing)",
     ),
     ("root_ready", "pivot_root_done", "PID 1: hostname, pivot_root"),
     ("pivot_root_done", "userns_entered", "PID 1: enter the user namespace"),

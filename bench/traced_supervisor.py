@@ -102,8 +102,8 @@ wrap(cgroups.JobCgroup, "rename", before="cgroup_rename")
 wrap(cgroups.JobCgroup, "apply_limits", after="cgroup_limits_done")
 wrap(cgroups.JobCgroup, "join", after="cgroup_joined")
 wrap(container, "start_container", before="container_started")
-wrap(container, "_wait_for_start", after="pid1_go")
-wrap(container, "setup_root", after="root_ready")
+wrap(container, "_wait_for_job", after="pid1_go")
+wrap(container, "add_volumes", after="root_ready")
 wrap(container, "pivot_root", after="pivot_root_done")
 wrap(container, "_enter_userns", after="userns_entered")
 wrap(seccomp, "install", before="seccomp_start", after="seccomp_done")
@@ -153,10 +153,10 @@ def supervise(job_dir: str) -> int:
     return supervisor.supervise(job_dir)
 
 
-def run_prepared(conn: object, id_map: tuple[int, int], pending: object) -> int:
+def run_prepared(conn: object, id_map: tuple[int, int], pending: object, root: object) -> int:
     """Prepare a container as the fork server's prepared supervisor, with fresh records."""
     _fresh_records()
-    return supervisor.run_prepared(conn, id_map, pending)  # type: ignore[arg-type]
+    return supervisor.run_prepared(conn, id_map, pending, root)  # type: ignore[arg-type]
 
 
 def main(argv: list[str]) -> int:

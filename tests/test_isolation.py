@@ -135,6 +135,20 @@ async def test_volume_read_write(manager: JobManager) -> None:
     assert (root / "data" / "out.txt").read_bytes() == b"from job\n"
 
 
+async def test_volume_below_tmp(manager: JobManager) -> None:
+    root = Path(manager.volume_roots[0])
+    (root / "cache").mkdir()
+    (root / "cache" / "in.txt").write_bytes(b"cached\n")
+
+    # Volumes are mounted after the job's /tmp, so one below it is not hidden by it.
+    status, _, output = await run(
+        manager, "cat /tmp/cache/in.txt; ls /tmp", volumes=[f"{root / 'cache'}:/tmp/cache"]
+    )
+
+    assert status == JobStatus.COMPLETED
+    assert output == b"cached\ncache\n"
+
+
 async def test_volume_read_only(manager: JobManager) -> None:
     root = Path(manager.volume_roots[0])
     (root / "ro").mkdir()

@@ -19,6 +19,7 @@ JSON line. Nothing in the container returns: each process ends with ``os._exit``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -30,7 +31,16 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 from . import jobdir, seccomp, syscalls, userns
-from .mounts import SetupError, make_mounts_private, pivot_root, setup_root, step
+from .mounts import (
+    RootSpec,
+    SetupError,
+    add_volumes,
+    build_root,
+    discard_root,
+    make_mounts_private,
+    pivot_root,
+    step,
+)
 
 # The cgroup namespace is left out: PID 1 unshares it once it is in the job's cgroup, so that
 # /proc/self/cgroup in the job shows that cgroup as "/".
@@ -100,14 +110,14 @@ class PreparedContainer:
     status: int
     # Status lines read past PID 1's pid while waiting for it.
     status_buffer: bytes
-    # The job's user namespace, which PID 1 gets when it starts.
-    job_userns: int
 
 
-def prepare_container(id_map: tuple[int, int]) -> PreparedContainer:
+def prepare_container(id_map: tuple[int, int], root: RootSpec | None = None) -> PreparedContainer:
     """Create the pipes, PID 1 and the user namespace; raise SetupError naming the failed step.
 
-    The caller must be a child subreaper, so that PID 1 becomes its child.
+    With ``root``, PID 1 builds that root now; a job whose launch data asks for the same root
+    then only adds its volumes. The caller must be a child subreaper, so that PID 1 becomes
+    its child.
     """
     try:
         stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
@@ -156,7 +166,18 @@ def prepare_container(id_map: tuple[int, int]) -> PreparedContainer:
         os.close(release_write)
         os.waitpid(container_pid, 0)
 
-    if job_userns < 0:
+    if job_userns >= 0:
+        try:
+            message_root = json.dumps(dataclasses.asdict(root) if root is not None else None)
+            socket.send_fds(control, [message_root.encode()], [job_userns])
+        except OSError as error:
+            _signal_quietly(int(message["pid1"]), signal.SIGKILL)
+            text = f"hand the user namespace to PID 1: {error}"
+            failure = {"step": "prepare PID 1", "errno": error.errno or 0, "message": text}
+            message = {"setup_error": failure}
+        finally:
+            os.close(job_userns)
+    if "setup_error" in message or "pid1" not in message:
         for fd in (stdout_read, stderr_read, status_read):
             os.close(fd)
         control.close()
@@ -165,31 +186,21 @@ def prepare_container(id_map: tuple[int, int]) -> PreparedContainer:
         text = failure.get("message", "the container child ended without reporting PID 1")
         raise SetupError(failure.get("step", "fork PID 1"), OSError(errno_value, text))
     return PreparedContainer(
-        id_map,
-        int(message["pid1"]),
-        control,
-        stdout_read,
-        stderr_read,
-        status_read,
-        rest,
-        job_userns,
+        id_map, int(message["pid1"]), control, stdout_read, stderr_read, status_read, rest
     )
 
 
 def start_container(prepared: PreparedContainer, job_dir: str, volume_userns: list[int]) -> None:
-    """Send PID 1 the job's folder and the user namespaces; PID 1 takes it from there.
+    """Send PID 1 the job's folder and the volumes' user namespaces; PID 1 takes it from there.
 
     The caller has moved PID 1 into the job's cgroup. Raises SetupError if PID 1 is gone.
     """
     try:
-        socket.send_fds(
-            prepared.control, [os.fsencode(job_dir)], [prepared.job_userns, *volume_userns]
-        )
+        socket.send_fds(prepared.control, [os.fsencode(job_dir)], volume_userns)
     except OSError as error:
         raise SetupError("start PID 1", error) from None
     finally:
         prepared.control.close()
-        os.close(prepared.job_userns)
 
 
 def discard_container(prepared: PreparedContainer) -> None:
@@ -199,7 +210,7 @@ def discard_container(prepared: PreparedContainer) -> None:
         os.kill(prepared.pid1, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(prepared.pid1, 0)
-    for fd in (prepared.stdout, prepared.stderr, prepared.status, prepared.job_userns):
+    for fd in (prepared.stdout, prepared.stderr, prepared.status):
         with contextlib.suppress(OSError):
             os.close(fd)
 
@@ -253,16 +264,35 @@ def _run_container(fds: ContainerFds, control: socket.socket, release: int) -> N
     os._exit(0)
 
 
-def _wait_for_start(control: socket.socket) -> tuple[str, int, list[int]]:
-    """Return the job's folder, its user namespace and the volumes' user namespaces."""
-    message, userns_fds, _flags, _address = socket.recv_fds(
-        control, MAX_START_MESSAGE, MAX_PASSED_FDS
-    )
-    control.close()
-    if not message or not userns_fds:
+def _receive(control: socket.socket) -> tuple[bytes, list[int]]:
+    message, fds, _flags, _address = socket.recv_fds(control, MAX_START_MESSAGE, MAX_PASSED_FDS)
+    if not message:
         # The supervisor discarded this container, or ended.
         os._exit(0)
-    return os.fsdecode(message), userns_fds[0], userns_fds[1:]
+    return message, fds
+
+
+def _wait_for_job(control: socket.socket) -> tuple[str, list[int]]:
+    """Return the job's folder and the volumes' user namespaces, once the supervisor sends them."""
+    message, volume_userns = _receive(control)
+    control.close()
+    return os.fsdecode(message), volume_userns
+
+
+def _prepare_root(message: bytes, job_userns: int) -> RootSpec | None:
+    """Build the root that the supervisor's prepare message names; None if there is none."""
+    data = json.loads(message)
+    if data is None:
+        return None
+    spec = RootSpec(**data)
+    try:
+        build_root(spec, job_userns)
+    except SetupError:
+        # The job's own launch data gets a fresh try, which reports the failure.
+        with contextlib.suppress(SetupError):
+            discard_root(spec)
+        return None
+    return spec
 
 
 def _run_pid1(fds: ContainerFds, control: socket.socket) -> NoReturn:
@@ -273,7 +303,11 @@ def _run_pid1(fds: ContainerFds, control: socket.socket) -> NoReturn:
     except SetupError as error:
         _fail(fds.status, error)
 
-    job_dir, job_userns, volume_userns = _wait_for_start(control)
+    message, userns_fds = _receive(control)
+    job_userns = userns_fds[0]
+    prepared_root = _prepare_root(message, job_userns)
+
+    job_dir, volume_userns = _wait_for_job(control)
     try:
         launch = jobdir.read_json(os.path.join(job_dir, jobdir.LAUNCH_FILE))
         if launch is None:
@@ -282,7 +316,14 @@ def _run_pid1(fds: ContainerFds, control: socket.socket) -> NoReturn:
         _fail(fds.status, OSError(errno.EIO, str(error)), "read the launch file")
     try:
         step("unshare the cgroup namespace", syscalls.unshare, syscalls.CLONE_NEWCGROUP)
-        root = setup_root(launch, job_userns, volume_userns)
+        spec = RootSpec.from_launch(launch)
+        if prepared_root is not None and prepared_root != spec:
+            discard_root(prepared_root)
+            prepared_root = None
+        if prepared_root is None:
+            build_root(spec, job_userns)
+        root = os.path.join(spec.staging, "root")
+        add_volumes(root, launch["volumes"], volume_userns)
         step("set hostname", socket.sethostname, launch["hostname"])
         step("enter new root", pivot_root, root)
         step("enter user namespace", _enter_userns, job_userns)

@@ -42,6 +42,7 @@ if __name__ == "__main__":
 
 from jupyter_linuxworker.sandbox import jobdir, seccomp, syscalls
 from jupyter_linuxworker.sandbox.cgroups import CgroupError, JobCgroup
+from jupyter_linuxworker.sandbox.mounts import RootSpec
 
 # A job folder path, with room to spare: longer requests are rejected.
 MAX_REQUEST: Final = 4096
@@ -111,6 +112,8 @@ class ForkServer:
         self.cgroup_parents: dict[str, str] | None = (
             dict(layout["parents"]) if layout and int(layout["version"]) == 1 else None
         )
+        root = config.get("root")
+        self.root = RootSpec(**root) if root else None
         self.wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_write = wake_write
         self.poller = select.poll()
@@ -243,7 +246,7 @@ class ForkServer:
         if pid == 0:
             ours.close()
             self._run_child(
-                lambda: self.supervisor.run_prepared(theirs, self.id_map, pending),
+                lambda: self.supervisor.run_prepared(theirs, self.id_map, pending, self.root),
                 None,
             )
         theirs.close()
@@ -357,7 +360,8 @@ def _drain(fd: int) -> None:
 def main(argv: list[str]) -> int:
     """Serve on socket descriptor ``argv[1]``, forking supervisors from file ``argv[2]``.
 
-    ``argv[3]`` is a JSON object with the manager's ``id_map`` and ``cgroup`` layout.
+    ``argv[3]`` is a JSON object with the manager's ``id_map``, ``cgroup`` layout, whether to
+    ``prepare`` supervisors, and the ``root`` that prepared containers build.
     """
     if len(argv) != 4:
         sys.stderr.write("usage: forkserver.py SOCKET_FD SUPERVISOR_FILE CONFIG_JSON\n")

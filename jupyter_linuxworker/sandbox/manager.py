@@ -184,7 +184,21 @@ class JobManager:
         self._inotify = Inotify()
         self._loop.add_reader(self._inotify.fd, self._on_inotify)
         self._adopt()
+        self.launcher.config["root"] = self._default_root()
         self.launcher.start()
+
+    def _default_root(self) -> dict[str, Any] | None:
+        """Return the root of a job that sets no image or disk, for prepared containers."""
+        try:
+            image_root = self.images.rootfs(DEFAULT_IMAGE_NAME)
+        except ImageError:
+            return None
+        return {
+            "staging": self.staging_dir,
+            "image_root": image_root,
+            "disk": self.disk,
+            "owner": self.id_map[0],
+        }
 
     async def close(self) -> None:
         """Stop tracking jobs; they keep running under their supervisors."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from . import syscalls
@@ -69,20 +70,42 @@ def make_mounts_private() -> None:
     step("make mounts private", syscalls.mount, "none", "/", None, private)
 
 
-def setup_root(launch: dict[str, Any], image_userns: int, volume_userns: list[int]) -> str:
-    """Build the job's root below ``launch["staging"]``; return its path.
+@dataclass(frozen=True)
+class RootSpec:
+    """What a job's root is built from, before its volumes: the same for most jobs."""
 
-    Call :func:`make_mounts_private` first, so that none of these mounts reaches the host.
+    staging: str
+    image_root: str
+    disk: int
+    owner: int
+
+    @classmethod
+    def from_launch(cls, launch: dict[str, Any]) -> RootSpec:
+        """Return the root spec of a job's launch data."""
+        return cls(
+            launch["staging"],
+            launch["image_root"],
+            int(launch["disk"]),
+            int(launch["id_map"]["host_start"]),
+        )
+
+
+def build_root(spec: RootSpec, image_userns: int) -> str:
+    """Build a root below ``spec.staging`` from the image, without volumes; return its path.
+
+    The root is a writable tmpfs layer over the idmapped image, with /proc, /sys, /tmp and
+    /dev mounted and the kernel's sensitive files masked. Call :func:`make_mounts_private`
+    first, so that none of these mounts reaches the host.
     """
-    staging: str = launch["staging"]
+    staging = spec.staging
     root = os.path.join(staging, "root")
     lower = os.path.join(staging, "lower")
     upper = os.path.join(staging, "upper")
     work = os.path.join(staging, "work")
-    owner = int(launch["id_map"]["host_start"])
+    owner = spec.owner
 
     # The writable layer lives in a tmpfs of this mount namespace, so it dies with the job.
-    layer_options = f"mode=755,size={launch['disk']}"
+    layer_options = f"mode=755,size={spec.disk}"
     step(
         f"mount writable layer on {staging}",
         syscalls.mount,
@@ -96,7 +119,7 @@ def setup_root(launch: dict[str, Any], image_userns: int, volume_userns: list[in
         step(f"create {folder}", os.mkdir, folder, 0o755)
     step(f"give {upper} to the job's root", os.chown, upper, owner, owner)
 
-    image = launch["image_root"]
+    image = spec.image_root
     step(f"mount image {image}", _attach_idmapped, image, image_userns, lower, 0)
     # Relative layer paths keep the host's folder names out of the job's /proc/mounts.
     step(f"enter {staging}", os.chdir, staging)
@@ -111,15 +134,6 @@ def setup_root(launch: dict[str, Any], image_userns: int, volume_userns: list[in
         overlay_options,
     )
 
-    for volume, userns in zip(launch["volumes"], volume_userns, strict=True):
-        step(
-            f"mount volume {volume['source']} on {volume['dest']}",
-            _mount_volume,
-            root,
-            volume,
-            userns,
-        )
-
     proc = make_dir_beneath(root, "/proc")
     step("mount /proc", syscalls.mount, "proc", proc, "proc", _NO_EXEC)
     sys_dir = make_dir_beneath(root, "/sys")
@@ -131,6 +145,23 @@ def setup_root(launch: dict[str, Any], image_userns: int, volume_userns: list[in
     step("mount /tmp", syscalls.mount, "tmpfs", tmp, "tmpfs", _NO_DEV, tmp_options)
     _setup_dev(root, owner)
     return root
+
+
+def discard_root(spec: RootSpec) -> None:
+    """Unmount a root built by :func:`build_root`, with everything below it."""
+    step(f"unmount {spec.staging}", syscalls.umount2, spec.staging, syscalls.MNT_DETACH)
+
+
+def add_volumes(root: str, volumes: list[dict[str, Any]], volume_userns: list[int]) -> None:
+    """Mount each volume at its destination in ``root``, idmapped to its owner's namespace."""
+    for volume, userns in zip(volumes, volume_userns, strict=True):
+        step(
+            f"mount volume {volume['source']} on {volume['dest']}",
+            _mount_volume,
+            root,
+            volume,
+            userns,
+        )
 
 
 def _setup_dev(root: str, owner: int) -> None:

@@ -37,7 +37,7 @@ if __name__ == "__main__":
 from jupyter_linuxworker.sandbox import container, jobdir, syscalls, userns
 from jupyter_linuxworker.sandbox.cgroups import CgroupError, JobCgroup
 from jupyter_linuxworker.sandbox.container import PreparedContainer
-from jupyter_linuxworker.sandbox.mounts import SetupError
+from jupyter_linuxworker.sandbox.mounts import RootSpec, SetupError
 from jupyter_linuxworker.sandbox.outputlog import STDERR, STDOUT, OutputWriter
 
 DRAIN_TIMEOUT: Final = 5.0
@@ -207,7 +207,7 @@ class Supervisor:
             prepared = pending = None
         if prepared is None:
             try:
-                prepared = container.prepare_container(id_map)
+                prepared = container.prepare_container(id_map, RootSpec.from_launch(self.launch))
             except SetupError as error:
                 return self._setup_failed(error.step, OSError(error.errno, str(error)))
         self.prepared = prepared
@@ -512,10 +512,16 @@ def supervise(
     return 0
 
 
-def run_prepared(conn: socket.socket, id_map: tuple[int, int], pending: JobCgroup | None) -> int:
+def run_prepared(
+    conn: socket.socket,
+    id_map: tuple[int, int],
+    pending: JobCgroup | None,
+    root: RootSpec | None = None,
+) -> int:
     """Prepare a container, report on ``conn``, then supervise the job that ``conn`` names.
 
-    ``pending`` is a cgroup to create and move PID 1 into now, so that no job waits for the
+    ``root`` is the root that most jobs use, which PID 1 builds now. ``pending`` is a cgroup
+    to create and move PID 1 into now, so that no job waits for the
     move: the first write to cgroup.procs after a quiet spell waits for an RCU grace period
     (milliseconds). The job's cgroup is then made by renaming it, which only cgroup v1 allows.
 
@@ -524,7 +530,7 @@ def run_prepared(conn: socket.socket, id_map: tuple[int, int], pending: JobCgrou
     reason of the failure. An empty message on ``conn`` discards the container.
     """
     syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
-    prepared = _prepare_quietly(id_map, pending)
+    prepared = _prepare_quietly(id_map, pending, root)
     if prepared is None:
         pending = None
     # The fork server closes its end once it has sent a job, which may come before this report.
@@ -544,11 +550,11 @@ def run_prepared(conn: socket.socket, id_map: tuple[int, int], pending: JobCgrou
 
 
 def _prepare_quietly(
-    id_map: tuple[int, int], pending: JobCgroup | None
+    id_map: tuple[int, int], pending: JobCgroup | None, root: RootSpec | None
 ) -> PreparedContainer | None:
     """Return a prepared container in ``pending``, or None after logging why that failed."""
     try:
-        prepared = container.prepare_container(id_map)
+        prepared = container.prepare_container(id_map, root)
     except SetupError as error:
         log.error("preparing a container failed at step %r: %s", error.step, error)
         return None
