@@ -21,6 +21,8 @@ PRODUCE = "dd if=/dev/zero bs=1M count=1024 2>/dev/null"
 JOB_COMMAND = PRODUCE
 HEAD_COMMAND = f"head -c {GIB} /dev/zero"
 OUTPUT_CAP = "2G"
+# How often the job-alone run reads the job's record: a bound on how late its end is seen.
+ALONE_POLL = 0.01
 
 
 def host_command(busybox: str, command: str) -> str:
@@ -43,6 +45,8 @@ class OutputResults:
     followers: int = 0
     file_write: Samples = field(default_factory=Samples)
     pipe: Samples = field(default_factory=Samples)
+    # Seconds from POST to the end seen in the job's record, when no one follows the job.
+    no_follower: Samples = field(default_factory=Samples)
     one_follower: Samples = field(default_factory=Samples)  # seconds from POST to the last byte
     one_follower_end: Samples = field(default_factory=Samples)  # seconds to the response's end
     one_follower_job: Samples = field(default_factory=Samples)  # the job's run time, its record
@@ -140,6 +144,26 @@ def stream_once(
     return reports
 
 
+def job_alone(api: Api, command: str, results: OutputResults) -> float | None:
+    """Run a 1 GiB job that no one follows; return the seconds from the POST to its end."""
+    posted = time.monotonic()
+    job = api.submit({"command": command, "output_cap": OUTPUT_CAP, "name": "bench-output"})
+    while True:
+        _status, record = api.request("GET", f"jobs/{job['id']}")
+        if record["status"] not in ("PENDING", "RUNNING"):
+            break
+        time.sleep(ALONE_POLL)
+    seconds = time.monotonic() - posted
+    api.delete(job["id"])
+    if record["status"] != "COMPLETED" or record["output_size"] != GIB:
+        results.errors.append(
+            f"job {job['id']} ({command}) without followers: {record['status']}, "
+            f"{record['output_size']} bytes"
+        )
+        return None
+    return seconds
+
+
 def run(
     api: Api,
     server_pid: int,
@@ -156,6 +180,9 @@ def run(
         results.file_write.add(time_shell(file_write_command(busybox, results.file_path)))
         os.remove(results.file_path)
         results.pipe.add(time_shell(pipe_command(busybox)))
+        alone = job_alone(api, JOB_COMMAND, results)
+        if alone is not None:
+            results.no_follower.add(alone)
         reports = stream_once(api, JOB_COMMAND, 1, results, server_pid)
         if reports:
             results.one_follower.add(reports[0]["to_last_byte"])

@@ -233,6 +233,7 @@ def _output_section(run: Run, lines: list[str]) -> None:
     rows = [
         ("write to a file in the state folder", results.file_write),
         ("plain pipe", results.pipe),
+        ("job → log, no follower (POST to the end in its record)", results.no_follower),
         ("job → REST, 1 follower", results.one_follower),
         (f"job → REST, {results.followers} followers (slowest of each run)", results.many_slowest),
         (f"job → REST, {results.followers} followers (every follower)", results.many_each),
@@ -294,6 +295,20 @@ def _output_section(run: Run, lines: list[str]) -> None:
                         f"{results.pipe.p(50) / results.one_follower.p(50):.2f}",
                     ),
                 ]
+                + (
+                    [
+                        (
+                            "1 follower / the job with no follower, rate",
+                            f"{results.no_follower.p(50) / results.one_follower.p(50):.2f}",
+                        ),
+                        (
+                            "the job with no follower / file write, rate",
+                            f"{results.file_write.p(50) / results.no_follower.p(50):.2f}",
+                        ),
+                    ]
+                    if results.no_follower.count
+                    else []
+                )
                 + (
                     [
                         (

@@ -58,6 +58,7 @@ TOTAL_MEMORY_FRACTION: Final = 0.75
 TOTAL_PIDS_FRACTION: Final = 0.5
 STOP_WAIT_MARGIN: Final = 5.0
 FOLLOW_CHUNK: Final = 1024 * 1024
+FOLLOW_EXTENT: Final = 16 * 1024 * 1024
 MAX_ADOPTED_JOBS: Final = 100_000
 STAGING_DIR: Final = "staging"
 JOB_ID_PATTERN: Final = re.compile(r"^[0-9a-f]{32}$")
@@ -423,6 +424,37 @@ class JobManager:
         """Yield output from ``offset`` as it arrives, until the job has ended and all is read."""
         async for _stream, data in self._follow(job_id, offset, streams=False):
             yield data
+
+    async def follow_extents(
+        self, job_id: str, offset: int = 0
+    ) -> AsyncIterator[tuple[int, int]]:
+        """Yield (offset, size) of each new part of the log, without reading it.
+
+        For callers that copy the log themselves, such as with sendfile. It ends when the job
+        has ended and every byte has been yielded; parts are at most FOLLOW_EXTENT bytes.
+        """
+        self.get(job_id)
+        job_dir = self._job_dir(job_id)
+        async with self._listening(job_id) as changed:
+            while True:
+                changed.clear()
+                size = outputlog.log_size(job_dir)
+                if size <= offset:
+                    if not self.get(job_id).status.ended:
+                        await changed.wait()
+                        continue
+                    # The supervisor writes its final state after the last byte: look again.
+                    size = outputlog.log_size(job_dir)
+                    if size <= offset:
+                        return
+                length = min(size - offset, FOLLOW_EXTENT)
+                yield offset, length
+                offset += length
+
+    def output_path(self, job_id: str) -> str:
+        """Return the path of the job's output log (which may not exist yet)."""
+        self.get(job_id)
+        return os.path.join(self._job_dir(job_id), outputlog.LOG_NAME)
 
     async def follow_streams(
         self, job_id: str, offset: int = 0
