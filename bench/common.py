@@ -144,8 +144,11 @@ class Api:
             raise RuntimeError(f"DELETE jobs/{job_id} returned {status}: {body!r}")
 
 
-def start_server(base: str) -> Any:
-    """Start a `jupyter server` with the extension on 127.0.0.1, state in ``base``/state."""
+def start_server(base: str, extra: Sequence[str] = ()) -> Any:
+    """Start a `jupyter server` with the extension on 127.0.0.1, state in ``base``/state.
+
+    ``extra`` holds more command line options for the server.
+    """
     if TESTS_DIR not in sys.path:
         sys.path.insert(0, TESTS_DIR)
     from server import ServerProcess  # tests/server.py
@@ -153,7 +156,10 @@ def start_server(base: str) -> Any:
     for name in ("state", "root", "runtime"):
         os.makedirs(os.path.join(base, name), exist_ok=True)
     server = ServerProcess(
-        os.path.join(base, "state"), os.path.join(base, "root"), os.path.join(base, "runtime")
+        os.path.join(base, "state"),
+        os.path.join(base, "root"),
+        os.path.join(base, "runtime"),
+        extra=list(extra),
     )
     return server.start()
 

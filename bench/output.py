@@ -53,6 +53,10 @@ class OutputResults:
     many_slowest: Samples = field(default_factory=Samples)  # the slowest follower of each run
     many_each: Samples = field(default_factory=Samples)  # every follower of every run
     many_job: Samples = field(default_factory=Samples)
+    # The same through a server with sendfile turned off: the figures before sendfile.
+    plain_one: Samples = field(default_factory=Samples)
+    plain_many_slowest: Samples = field(default_factory=Samples)
+    plain_one_server_cpu: Samples = field(default_factory=Samples)
     # CPU seconds the server process spends per GiB delivered to one follower.
     one_server_cpu: Samples = field(default_factory=Samples)
     many_server_cpu: Samples = field(default_factory=Samples)
@@ -172,17 +176,28 @@ def run(
     runs: int,
     many_runs: int,
     followers: int,
+    plain: tuple[Api, int] | None = None,
 ) -> OutputResults:
-    """Alternate the file write, the pipe, one follower and ``followers`` followers."""
+    """Alternate the file write, the pipe, one follower and ``followers`` followers.
+
+    ``plain`` is the API and pid of a second server that sends output without sendfile; each
+    run then also streams to one follower and to ``followers`` followers through it.
+    """
     results = OutputResults(runs=runs, many_runs=many_runs, followers=followers)
     results.file_path = os.path.join(state_dir, "bench-write-test")
     for index in range(runs):
+        # Each measurement starts after a sync, so the writeback of the gigabyte before it
+        # does not land in its time.
+        os.sync()
         results.file_write.add(time_shell(file_write_command(busybox, results.file_path)))
         os.remove(results.file_path)
+        os.sync()
         results.pipe.add(time_shell(pipe_command(busybox)))
+        os.sync()
         alone = job_alone(api, JOB_COMMAND, results)
         if alone is not None:
             results.no_follower.add(alone)
+        os.sync()
         reports = stream_once(api, JOB_COMMAND, 1, results, server_pid)
         if reports:
             results.one_follower.add(reports[0]["to_last_byte"])
@@ -191,6 +206,7 @@ def run(
                 results.one_follower_job.add(reports[0]["job_seconds"])
             results.one_server_cpu.add(reports[0]["server_cpu_per_gib"])
         if index < many_runs:
+            os.sync()
             reports = stream_once(api, JOB_COMMAND, followers, results, server_pid)
             if reports:
                 times = [report["to_last_byte"] for report in reports]
@@ -200,6 +216,18 @@ def run(
                 if reports[0]["job_seconds"] is not None:
                     results.many_job.add(reports[0]["job_seconds"])
                 results.many_server_cpu.add(reports[0]["server_cpu_per_gib"])
+        if plain is not None:
+            plain_api, plain_pid = plain
+            os.sync()
+            reports = stream_once(plain_api, JOB_COMMAND, 1, results, plain_pid)
+            if reports:
+                results.plain_one.add(reports[0]["to_last_byte"])
+                results.plain_one_server_cpu.add(reports[0]["server_cpu_per_gib"])
+            if index < many_runs:
+                os.sync()
+                reports = stream_once(plain_api, JOB_COMMAND, followers, results, plain_pid)
+                if reports:
+                    results.plain_many_slowest.add(max(r["to_last_byte"] for r in reports))
 
     # `head -c` as the producer, once, in the job and on the host: slow, but a common command.
     results.head_pipe = time_shell(f"{host_command(busybox, HEAD_COMMAND)} | cat > /dev/null")

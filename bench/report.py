@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import math
 import shlex
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,10 +225,11 @@ def _output_section(run: Run, lines: list[str]) -> None:
         lines.append(f"Not measured: {run.errors.get('output', 'skipped')}\n")
         return
     lines.append(
-        f"{results.runs} runs of the file write, the pipe and one follower, and "
-        f"{results.many_runs} runs with {results.followers} followers, alternating. A follower's "
-        "time runs from the `POST jobs` to the last of the 1073741824 bytes it receives; every "
-        "follower must receive every byte. MB/s are 10^6 bytes per second, at the median time.\n"
+        f"{results.runs} runs of the file write, the pipe, the job with no follower and with "
+        f"one, and {results.many_runs} runs with {results.followers} followers, alternating, "
+        "each after a `sync`. A follower's time runs from the `POST jobs` to the last of the "
+        "1073741824 bytes it receives; every follower must receive every byte. MB/s are 10^6 "
+        "bytes per second, at the median time.\n"
     )
     lines.append(_section_load(run, "output") + "\n")
     rows = [
@@ -237,6 +239,11 @@ def _output_section(run: Run, lines: list[str]) -> None:
         ("job → REST, 1 follower", results.one_follower),
         (f"job → REST, {results.followers} followers (slowest of each run)", results.many_slowest),
         (f"job → REST, {results.followers} followers (every follower)", results.many_each),
+        ("before: job → REST without sendfile, 1 follower", results.plain_one),
+        (
+            f"before: job → REST without sendfile, {results.followers} followers (slowest)",
+            results.plain_many_slowest,
+        ),
     ]
     body = [
         (name, f"{s.p(50):.2f}", spread(s), rate(s.p(50)) if s.count else "-", s.count)
@@ -274,6 +281,11 @@ def _output_section(run: Run, lines: list[str]) -> None:
                 else " (median)."
             )
         )
+    if results.plain_one_server_cpu.count:
+        extra.append(
+            "Through the server without sendfile: "
+            f"{results.plain_one_server_cpu.p(50):.2f} s of CPU per GiB to one follower (median)."
+        )
     if results.head_one is not None and results.head_pipe is not None:
         extra.append(
             f"With `{output_bench.HEAD_COMMAND}` as the producer (one run each): "
@@ -295,6 +307,27 @@ def _output_section(run: Run, lines: list[str]) -> None:
                         f"{results.pipe.p(50) / results.one_follower.p(50):.2f}",
                     ),
                 ]
+                + (
+                    [
+                        (
+                            "1 follower: without sendfile (before) / with it, time",
+                            f"{results.plain_one.p(50) / results.one_follower.p(50):.2f}",
+                        )
+                    ]
+                    if results.plain_one.count
+                    else []
+                )
+                + (
+                    [
+                        (
+                            f"slowest of {results.followers} followers: without sendfile "
+                            "(before) / with it, time",
+                            f"{results.plain_many_slowest.p(50) / results.many_slowest.p(50):.2f}",
+                        )
+                    ]
+                    if results.plain_many_slowest.count and results.many_slowest.count
+                    else []
+                )
                 + (
                     [
                         (
@@ -369,6 +402,8 @@ def _scale_section(run: Run, lines: list[str]) -> None:
 
     rate_per_second = results.jobs / results.all_running_seconds
     per_job = results.pss_mean + results.shared_pss / results.jobs
+    supervisor_cpu = statistics.fmean(results.supervisor_cpu.values or [math.nan])
+    job_cpu = statistics.fmean(results.job_cpu.values or [math.nan])
     rows = [
         (
             f"{results.jobs} jobs submitted in-process, first submit to the last RUNNING",
@@ -377,11 +412,10 @@ def _scale_section(run: Run, lines: list[str]) -> None:
             f"{ms(results.submit_seconds / results.jobs)} ms each)",
         ),
         (
-            "CPU time of one job's start: its supervisor / its cgroup (PID 1 and `sleep`)",
-            f"median {ms(results.supervisor_cpu.p(50))} ms / {ms(results.job_cpu.p(50))} ms, "
-            f"so {os.cpu_count()} busy cores start an estimated "
-            f"{(os.cpu_count() or 1) / (results.supervisor_cpu.p(50) + results.job_cpu.p(50)):.0f} "
-            "jobs/s at most",
+            "CPU time of one job's start: its supervisor / its cgroup (PID 1 and `sleep`); "
+            "the supervisor's is counted in clock ticks of 10 ms, so the mean is given",
+            f"mean {ms(supervisor_cpu)} ms / {ms(job_cpu)} ms (not counted: the kernel's work "
+            "in the fork server and the manager for each job)",
         ),
         (
             "host memory per job outside its cgroup: PSS of its supervisor, plus a share of "

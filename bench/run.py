@@ -200,6 +200,7 @@ def main(argv: list[str]) -> int:
             run.windows[name] = window.close()
 
     server = None
+    plain_server = None
     try:
         if "start" in sections or "output" in sections:
             server = start_server(server_base)
@@ -218,18 +219,30 @@ def main(argv: list[str]) -> int:
                 },
                 part="start",
             )
-            run.output = section(
-                "output",
-                lambda: output_bench.run(
-                    api,
-                    server.process.pid,
-                    os.path.join(server_base, "state"),
-                    os.path.join(run.rootfs, "bin", "busybox"),
-                    args.output_runs,
-                    args.output_many_runs,
-                    args.followers,
-                ),
-            )
+            if "output" in sections:
+                plain_server = start_server(
+                    os.path.join(temp, "server-plain"),
+                    ["--LinuxWorkerApp.sendfile_output=False"],
+                )
+            try:
+                run.output = section(
+                    "output",
+                    lambda: output_bench.run(
+                        api,
+                        server.process.pid,
+                        os.path.join(server_base, "state"),
+                        os.path.join(run.rootfs, "bin", "busybox"),
+                        args.output_runs,
+                        args.output_many_runs,
+                        args.followers,
+                        (Api(plain_server.port, ALICE), plain_server.process.pid)
+                        if plain_server is not None
+                        else None,
+                    ),
+                )
+            finally:
+                if plain_server is not None:
+                    plain_server.stop()
             api.close()
             server.stop()
             server = None

@@ -151,27 +151,32 @@ async def start_jobs(state_dir: str, count: int, ids: list[str], results: ScaleR
 
 
 def shared_pss(manager: JobManager) -> int:
-    """Return the PSS of the fork server and of its children that run no job yet."""
+    """Return the PSS of the fork server and of its prepared supervisor with that one's PID 1."""
     server = manager.launcher.server_pid
     if server is None:
         return 0
     total = smaps_rollup(server).get("Pss", 0)
-    for pid in descendants(server):
+    # A supervisor that runs a job is counted with its job; the prepared one and its PID 1
+    # have no job yet and serve whichever comes next.
+    for pid in children_of(server):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as file:
                 title = file.read()
         except OSError:
             continue
-        # A supervisor that runs a job is counted with its job; the prepared one and its PID 1
-        # (an "init" with no job yet) are overhead shared by all jobs.
-        if b"(prepared" in title or title.startswith(b"init"):
-            total += smaps_rollup(pid).get("Pss", 0)
+        if b"(prepared" in title:
+            for member in (pid, *descendants(pid)):
+                total += smaps_rollup(member).get("Pss", 0)
     return total
 
 
-def descendants(pid: int) -> list[int]:
-    """Return the pids below ``pid`` in the process tree."""
-    children: dict[int, list[int]] = {}
+def children_of(pid: int) -> list[int]:
+    """Return the pids whose parent is ``pid``."""
+    return [child for child, parent in _parents().items() if parent == pid]
+
+
+def _parents() -> dict[int, int]:
+    parents: dict[int, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -180,8 +185,15 @@ def descendants(pid: int) -> list[int]:
                 stat = file.read()
         except OSError:
             continue
-        parent = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
+        parents[int(entry.name)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the pids below ``pid`` in the process tree."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
     found: list[int] = []
     queue = [pid]
     while queue:

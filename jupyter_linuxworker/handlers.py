@@ -323,7 +323,7 @@ class OutputHandler(LinuxWorkerHandler):
             await self.flush()
             connection = self.request.connection
             chunked = self._headers.get("Transfer-Encoding") == "chunked"
-            if chunked and isinstance(connection, HTTP1Connection):
+            if chunked and self.app.sendfile_output and isinstance(connection, HTTP1Connection):
                 await self._send_chunks_from_file(job_id, offset, connection)
             else:
                 async for chunk in self.app.manager.follow(job_id, offset):

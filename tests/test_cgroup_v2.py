@@ -8,6 +8,7 @@ layout, the cgroup2 root offers none of cpu, io, memory and pids.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
@@ -27,6 +28,9 @@ from jupyter_linuxworker.sandbox.cgroups import (
     CgroupLayout,
     JobCgroup,
 )
+from jupyter_linuxworker.sandbox.manager import JobManager
+from jupyter_linuxworker.sandbox.spec import Limits
+from jupyter_linuxworker.sandbox.store import JobStatus
 
 MIB = 1024**2
 ALL_CONTROLLERS = "cpu io memory pids"
@@ -812,3 +816,53 @@ def test_real_detect_hybrid() -> None:
 
     assert layout.version == 1
     assert "" not in layout.parents
+
+
+# -- a whole job on the real cgroup2 hierarchy ----------------------------------------------------
+
+
+def own_v2_cgroup(mount: str) -> str:
+    """Return the folder of this process's cgroup in the cgroup2 hierarchy at ``mount``."""
+    with open("/proc/self/cgroup", encoding="ascii") as file:
+        for line in file:
+            if line.startswith("0::"):
+                return os.path.join(mount, line.strip()[3:].lstrip("/"))
+    raise AssertionError("this process has no cgroup2 line in /proc/self/cgroup")
+
+
+async def test_real_v2_job_through_manager(tmp_path: Path) -> None:
+    """A prepared supervisor on cgroup v2 moves PID 1 into the job's cgroup when it starts."""
+    if os.geteuid() != 0:
+        pytest.skip("jobs need root")
+    mount = cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 hierarchy is mounted")
+    if os.statvfs(mount).f_flag & os.ST_RDONLY:
+        pytest.skip(f"the cgroup2 hierarchy at {mount} is read-only")
+    own = own_v2_cgroup(mount)
+    parent = os.path.join(own, PARENT_NAME)
+    parent_existed = os.path.isdir(parent)
+
+    # No limits: this hybrid machine's cgroup2 hierarchy has no memory or pids controller.
+    manager = JobManager(str(tmp_path / "state"), default_limits=Limits())
+    manager.cgroups = CgroupLayout.v2(own)
+    await manager.start()
+    try:
+        job = await manager.submit({"command": "grep '^0::' /proc/self/cgroup; sleep 30"})
+        cgroup = manager.cgroups.for_job(job.id)
+        deadline = time.monotonic() + TIMEOUT
+        while manager.read_output(job.id) == b"":
+            assert time.monotonic() < deadline, "the job printed nothing"
+            await asyncio.sleep(POLL_INTERVAL)
+
+        # The cgroup namespace starts at the job's cgroup, which holds PID 1 and the command.
+        assert manager.read_output(job.id) == b"0::/\n"
+        assert len(cgroup.pids()) == 2
+        assert [name for name in os.listdir(parent) if name.startswith("pending-")] == []
+        record = await manager.stop(job.id, grace=0)
+        assert record.status == JobStatus.STOPPED
+        assert not os.path.exists(cgroup.paths[""])
+    finally:
+        await manager.close()
+        if not parent_existed:
+            os.rmdir(parent)

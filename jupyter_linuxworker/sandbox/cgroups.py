@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import time
@@ -50,6 +51,11 @@ IO_LIMIT_KEYS: Final = {
 }
 
 __all__ = ["CgroupError", "CgroupLayout", "JobCgroup"]
+
+
+log = logging.getLogger("jupyter_linuxworker.cgroups")
+# The controller that each key of a limits dict needs.
+LIMIT_CONTROLLERS: Final = {"memory": "memory", "pids": "pids", "cpus": "cpu", "cpu_weight": "cpu"}
 
 
 @dataclass
@@ -423,7 +429,20 @@ class CgroupLayout:
                 make_cgroup(path)
         if totals:
             parent = JobCgroup(self.version, dict(self.parents))
-            parent.apply_limits(totals)
+            usable = {}
+            for key, value in totals.items():
+                controller = LIMIT_CONTROLLERS.get(key, key)
+                if parent.has(controller):
+                    usable[key] = value
+                else:
+                    log.warning(
+                        "the %s controller is not available in %s, so the %s limit of all jobs "
+                        "together is not set; delegate the controller to this cgroup to set it",
+                        controller,
+                        self.parents.get("", next(iter(self.parents.values()))),
+                        key,
+                    )
+            parent.apply_limits(usable)
 
     def _enable_v2_controllers(self) -> None:
         own = self.own

@@ -138,14 +138,7 @@ class JobManager:
         self.last_capability = _last_capability()
         self.cgroups = CgroupLayout.detect()
         self.launcher = SupervisorLauncher(
-            python,
-            self.state_dir,
-            supervisor_start,
-            supervisor_path,
-            {
-                "id_map": list(id_map),
-                "cgroup": {"version": self.cgroups.version, "parents": self.cgroups.parents},
-            },
+            python, self.state_dir, supervisor_start, supervisor_path, {"id_map": list(id_map)}
         )
         self._store: JobStore | None = None
         self._inotify: Inotify | None = None
@@ -185,6 +178,11 @@ class JobManager:
         self._inotify = Inotify()
         self._loop.add_reader(self._inotify.fd, self._on_inotify)
         self._adopt()
+        # The fork server prepares containers with these; it starts after this point.
+        self.launcher.config["cgroup"] = {
+            "version": self.cgroups.version,
+            "parents": self.cgroups.parents,
+        }
         self.launcher.config["root"] = self._default_root()
         self.launcher.start()
 

@@ -12,8 +12,6 @@ import struct
 from collections.abc import Iterator
 from typing import Final
 
-from . import syscalls
-
 LOG_NAME: Final = "output.log"
 RANGES_NAME: Final = "output.ranges"
 STDOUT: Final = 0
@@ -22,7 +20,6 @@ MARKER: Final = 2
 STREAM_NAMES: Final = {STDOUT: "stdout", STDERR: "stderr", MARKER: "marker"}
 RANGE_RECORD: Final = struct.Struct("<QQB")
 PIPE_CHUNK: Final = 1024 * 1024
-WRITEBACK_STEP: Final = 32 * 1024 * 1024
 TRUNCATION_MARKER: Final = (
     "[jupyter-linuxworker: output truncated at {cap} bytes, the job's output cap; "
     "later output was dropped]\n"
@@ -48,7 +45,6 @@ class OutputWriter:
         self.cap = cap
         self.size = 0
         self.truncated = False
-        self._written_back = 0
 
     def pump(self, fd: int, stream: int) -> bool:
         """Move the bytes waiting in ``fd`` into the log; return False at end of file."""
@@ -64,11 +60,6 @@ class OutputWriter:
             return False
         if self.size >= self.cap:
             self._truncate()
-        if self.size - self._written_back >= WRITEBACK_STEP:
-            # Written back while the job runs, the log leaves close() little to fsync, so the
-            # job's end is recorded sooner after its last byte.
-            syscalls.start_writeback(self._log, self._written_back, self.size - self._written_back)
-            self._written_back = self.size
         return True
 
     def _splice(self, fd: int, count: int) -> int:

@@ -59,7 +59,6 @@ _CAPABILITY_VERSION_3: Final = 0x20080522
 _SYS_CLOSE_RANGE: Final = 436
 CLOSE_RANGE_CLOEXEC: Final = 0x4
 _MAX_FD: Final = 0xFFFFFFFF
-SYNC_FILE_RANGE_WRITE: Final = 0x2
 
 _SYS_PIVOT_ROOT: Final = 155  # x86_64; the other architectures are listed below.
 _PIVOT_ROOT_NUMBERS: Final = {
@@ -87,21 +86,6 @@ def close_range_cloexec(first: int) -> None:
         ctypes.c_uint(CLOSE_RANGE_CLOEXEC),
     )
     _check(result, f"close_range({first}, ~0, CLOSE_RANGE_CLOEXEC)")
-
-
-def start_writeback(fd: int, offset: int, count: int) -> None:
-    """Start writing ``count`` bytes of file ``fd`` from ``offset`` to disk, without waiting.
-
-    sync_file_range(SYNC_FILE_RANGE_WRITE): it makes no promise of durability, but a later
-    fsync has less left to write.
-    """
-    result = _libc.sync_file_range(
-        ctypes.c_int(fd),
-        ctypes.c_int64(offset),
-        ctypes.c_int64(count),
-        ctypes.c_uint(SYNC_FILE_RANGE_WRITE),
-    )
-    _check(result, f"sync_file_range({fd}, {offset}, {count})")
 
 
 def unshare(flags: int) -> None:
