@@ -99,7 +99,10 @@ class FakeCgroupfs:
     def make_cgroup(self, path: str) -> None:
         if not os.path.isdir(path):
             cgroupfs.make_cgroup(path)
-            make_fake_cgroup(Path(path))
+            # As in cgroupfs, a child has the controllers that its parent hands down.
+            handed = Path(path).parent / "cgroup.subtree_control"
+            controllers = handed.read_text().strip() if handed.exists() else ALL_CONTROLLERS
+            make_fake_cgroup(Path(path), controllers)
 
     def write(self, path: str, value: str) -> None:
         self.writes.append((path, value))
@@ -498,6 +501,19 @@ def test_ensure_parents_sets_totals(fake: FakeCgroupfs, tmp_path: Path) -> None:
     assert (parent / "memory.max").read_text() == "8589934592"
     assert (parent / "memory.swap.max").read_text() == "0"
     assert (parent / "pids.max").read_text() == "1000"
+
+
+def test_ensure_parents_skips_missing_controller(
+    fake: FakeCgroupfs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    own = own_cgroup(tmp_path, "cpu pids", "", enabled="cpu pids")
+    parent = own / PARENT_NAME
+
+    CgroupLayout.v2(str(own)).ensure_parents({"memory": 8 * 1024 * MIB, "pids": 1000})
+
+    assert (parent / "pids.max").read_text() == "1000"
+    assert (parent / "memory.max").read_text() == ""
+    assert "the memory controller is not available in" in caplog.text
 
 
 def test_for_job_and_job_ids(fake: FakeCgroupfs, tmp_path: Path) -> None:
