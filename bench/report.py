@@ -486,7 +486,7 @@ def _scale_section(run: Run, lines: list[str]) -> None:
         ),
     ]
     lines.append(
-        'Commands: `manager.submit({"command": "sleep 600"}, owner="alice")` '
+        'Commands: after a `sync`, `manager.submit({"command": "sleep 600"}, owner="alice")` '
         f"{results.jobs} times in a row; the rate takes the latest `started_at` (written by each "
         "supervisor when the job turns RUNNING). PSS is read from /proc/PID/smaps_rollup of "
         "each supervisor, of the fork server, and of the prepared supervisor and its PID 1 "

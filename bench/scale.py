@@ -282,6 +282,8 @@ def run(base: str, count: int, followers: int, requests: int) -> ScaleResults:
     others: list[str] = []
     server = None
     try:
+        # The output section before this one leaves gigabytes to write back: not this one's.
+        os.sync()
         asyncio.run(start_jobs(state_dir, count, ids, results))
         start = time.monotonic()
         server = start_server(base)  # adopts the running jobs

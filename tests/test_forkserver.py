@@ -168,3 +168,36 @@ async def test_jobs_in_a_burst_all_start(manager: JobManager) -> None:
     assert [record.status for record in records] == [JobStatus.COMPLETED] * 12
     # Each command is the first process after init in a PID namespace of its own.
     assert [manager.read_output(job.id) for job in jobs] == [b"2\n"] * 12
+
+
+def descriptors(pid: int) -> list[str]:
+    """Return what each open descriptor of ``pid`` points to."""
+    folder = f"/proc/{pid}/fd"
+    return [os.readlink(os.path.join(folder, name)) for name in os.listdir(folder)]
+
+
+async def test_no_descriptors_leak_between_jobs(manager: JobManager) -> None:
+    jobs = []
+    for _ in range(3):
+        await prepared_supervisor(manager)
+        jobs.append(await manager.submit({"command": "sleep 30"}))
+    for job in jobs:
+        while manager.get(job.id).status != JobStatus.RUNNING:
+            await asyncio.sleep(0.02)
+
+    # The fork server keeps its request socket and the prepared supervisor's, nothing per job.
+    server = manager.launcher.server_pid
+    assert server is not None
+    await prepared_supervisor(manager)
+    sockets = [target for target in descriptors(server) if target.startswith("socket:")]
+    assert len(sockets) == 2
+    for job in jobs:
+        info = jobdir.read_json(os.path.join(manager.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
+        assert info is not None
+        targets = descriptors(info["pid"])
+        assert [t for t in targets if t.startswith(("socket:", "anon_inode:"))] == []
+        # stdin, the log twice, the output log, and the pipes: the wake-up pipe's two ends and
+        # the read ends of stdout, stderr and the status pipe.
+        assert len(targets) == 9
+    for job in jobs:
+        await manager.stop(job.id, grace=0)

@@ -133,9 +133,11 @@ def prepare_container(id_map: tuple[int, int], root: RootSpec | None = None) -> 
 
     container_pid = os.fork()
     if container_pid == 0:
-        for fd in (stdout_read, stderr_read, status_read, release_write):
-            os.close(fd)
-        control.close()
+        # The supervisor's other descriptors, such as its socket to the fork server, must not
+        # live on in PID 1 for the whole job.
+        syscalls.close_all_but(
+            {stdout_write, stderr_write, status_write, pid1_control.fileno(), release_read}
+        )
         _run_container(fds, pid1_control, release_read)
     for fd in (stdout_write, stderr_write, status_write, release_read):
         os.close(fd)

@@ -325,9 +325,13 @@ class ForkServer:
             # The supervisor installs its own handlers; it starts from the defaults.
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # A fork copies every descriptor: keep none of the server's.
             self.sock.close()
             if self.prepared is not None:
                 self.prepared.sock.close()
+                os.close(self.prepared.pidfd)
+            for handed in self.handed.values():
+                handed.close()
             os.close(self.wake_read)
             os.close(self._wake_write)
             os.setsid()
@@ -368,6 +372,8 @@ def main(argv: list[str]) -> int:
         return 2
     sock = socket.socket(fileno=int(argv[1]))
     os.set_inheritable(sock.fileno(), False)
+    # Descriptors that the manager's process left inheritable would live on in every job.
+    syscalls.close_all_but({sock.fileno()})
     supervisor = load_supervisor(argv[2])
     # Built once here, the filter is in every forked supervisor's PID 1 already.
     with contextlib.suppress(seccomp.SeccompError):

@@ -59,6 +59,8 @@ _CAPABILITY_VERSION_3: Final = 0x20080522
 _SYS_CLOSE_RANGE: Final = 436
 CLOSE_RANGE_CLOEXEC: Final = 0x4
 _MAX_FD: Final = 0xFFFFFFFF
+# The end of os.closerange, which takes a C int: past any open descriptor.
+_MAX_INT_FD: Final = 0x7FFFFFFF
 
 _SYS_PIVOT_ROOT: Final = 155  # x86_64; the other architectures are listed below.
 _PIVOT_ROOT_NUMBERS: Final = {
@@ -75,6 +77,18 @@ def _check(result: int, what: str) -> int:
         errno = ctypes.get_errno()
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
     return result
+
+
+def close_all_but(keep: set[int]) -> None:
+    """Close every descriptor from 3 up that is not in ``keep``.
+
+    For a child right after fork, which gets a copy of every descriptor of its parent.
+    """
+    first = 3
+    for fd in sorted(fd for fd in keep if fd >= first):
+        os.closerange(first, fd)
+        first = fd + 1
+    os.closerange(first, _MAX_INT_FD)
 
 
 def close_range_cloexec(first: int) -> None:
