@@ -89,11 +89,11 @@ async def test_prepared_supervisor_runs_the_job(manager: JobManager) -> None:
     pending = pending_cgroups(manager)
 
     job = await manager.submit({"command": "echo hi; sleep 30"})
+    while manager.get(job.id).status != JobStatus.RUNNING:
+        await asyncio.sleep(0.02)
     info = jobdir.read_json(os.path.join(manager.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
     assert info is not None
     assert info["pid"] == prepared
-    while manager.get(job.id).status != JobStatus.RUNNING:
-        await asyncio.sleep(0.02)
 
     # Its pending cgroup became the job's cgroup, with the job's processes in it.
     assert not pending & pending_cgroups(manager)
@@ -201,3 +201,38 @@ async def test_no_descriptors_leak_between_jobs(manager: JobManager) -> None:
         assert len(targets) == 9
     for job in jobs:
         await manager.stop(job.id, grace=0)
+
+
+async def test_failed_supervisor_start_is_recorded(state_dir: str) -> None:
+    missing = os.path.join(state_dir, "no-such-python")
+    manager = JobManager(state_dir, supervisor_start="exec", python=missing)
+    await manager.start()
+    try:
+        job = await manager.submit({"command": "true"})
+        record = await manager.wait(job.id, timeout=5)
+    finally:
+        await manager.close()
+
+    assert record.status == JobStatus.FAILED
+    assert record.reason == "supervisor-error"
+    assert record.detail == (
+        f"starting the supervisor failed: [Errno 2] No such file or directory: '{missing}'"
+    )
+
+
+async def test_close_right_after_submit_keeps_job(state_dir: str) -> None:
+    first = JobManager(state_dir, grace=1.0)
+    await first.start()
+    job = await first.submit({"command": "sleep 600"})
+    await first.close()
+
+    # The supervisor was started before close returned, so the next manager adopts the job.
+    second = JobManager(state_dir, grace=1.0)
+    await second.start()
+    try:
+        assert second.get(job.id).status in (JobStatus.PENDING, JobStatus.RUNNING)
+        record = await second.stop(job.id, grace=0)
+        assert record.status == JobStatus.STOPPED
+        assert_no_leftovers(second)
+    finally:
+        await second.close()

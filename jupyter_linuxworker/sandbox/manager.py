@@ -147,6 +147,8 @@ class JobManager:
         self._watch_jobs: dict[int, str] = {}
         self._listeners: dict[str, set[asyncio.Event]] = {}
         self._supervisors: dict[str, int] = {}
+        # Jobs whose supervisor is being started, with the task that starts it.
+        self._launches: dict[str, asyncio.Future[None]] = {}
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -201,6 +203,9 @@ class JobManager:
 
     async def close(self) -> None:
         """Stop tracking jobs; they keep running under their supervisors."""
+        # Supervisors being started are waited for, so that each job has one to outlive this.
+        if self._launches:
+            await asyncio.gather(*self._launches.values(), return_exceptions=True)
         if self._loop is not None:
             for job_id in list(self._supervisors):
                 self._untrack(job_id)
@@ -294,18 +299,31 @@ class JobManager:
                 created_at=time.time(),
             )
         )
+        # The supervisor starts in the background: submit returns the PENDING record at once,
+        # so a burst of submits does not wait for each start in turn.
+        starting = asyncio.ensure_future(self._launch(job_id, job_dir, owner))
+        self._launches[job_id] = starting
+        starting.add_done_callback(lambda _task: self._launches.pop(job_id, None))
+        return record
+
+    async def _launch(self, job_id: str, job_dir: str, owner: str) -> None:
+        """Start the job's supervisor and track it; on failure, record the job as FAILED."""
         try:
             started = await self.launcher.start_supervisor(job_dir)
         except OSError as error:
             log.error("job %s: starting the supervisor failed: %s", job_id, error)
-            record = record.with_changes(
-                status=JobStatus.FAILED,
-                reason="supervisor-error",
-                ended_at=time.time(),
-                detail=f"starting the supervisor failed: {error}",
-            )
-            self.store.update(record)
-            return record
+            record = self.store.get(job_id)
+            if record is not None:
+                self.store.update(
+                    record.with_changes(
+                        status=JobStatus.FAILED,
+                        reason="supervisor-error",
+                        ended_at=time.time(),
+                        detail=f"starting the supervisor failed: {error}",
+                    )
+                )
+            self._notify(job_id)
+            return
 
         supervisor = {"pid": started.pid, "start_ticks": started.start_ticks}
         jobdir.write_json(os.path.join(job_dir, jobdir.SUPERVISOR_FILE), supervisor, durable=False)
@@ -314,7 +332,13 @@ class JobManager:
         elif started.pidfd is not None:
             os.close(started.pidfd)
         log.info("job %s: submitted by %r, supervisor pid %s", job_id, owner, started.pid)
-        return record
+        self._notify(job_id)
+
+    async def _launched(self, job_id: str) -> None:
+        """Wait until the job's supervisor has been started, if that is still under way."""
+        launch = self._launches.get(job_id)
+        if launch is not None:
+            await asyncio.shield(launch)
 
     def limits_for(
         self, spec: JobSpec, image_root: str, volumes: list[dict[str, Any]]
@@ -514,6 +538,9 @@ class JobManager:
         jobdir.write_json(
             os.path.join(job_dir, jobdir.STOP_FILE), {"grace": grace, "requested_at": time.time()}
         )
+        await self._launched(job_id)
+        if self.get(job_id).status.ended:
+            return self.get(job_id)
         if not self._signal_supervisor(job_id, signal.SIGUSR1):
             log.warning("job %s: its supervisor is gone; killing the job", job_id)
             self._remove_cgroup(job_id)
@@ -641,6 +668,8 @@ class JobManager:
         return updated
 
     def _supervisor_alive(self, job_id: str) -> bool:
+        if job_id in self._launches:
+            return True
         info = self._supervisor_info(job_id)
         return info is not None and jobdir.process_is(*info)
 
