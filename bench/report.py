@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import statistics
 from dataclasses import dataclass, field
@@ -372,6 +373,7 @@ def _output_section(run: Run, lines: list[str]) -> None:
                 verdict(factor <= MANY_FOLLOWERS_FACTOR),
             )
         )
+    lines += _output_limits(results)
     if results.errors:
         lines.append("Errors: " + "; ".join(results.errors) + "\n")
     lines.append("Commands:\n")
@@ -390,6 +392,28 @@ def _output_section(run: Run, lines: list[str]) -> None:
         "program in and out of the job. `head -c 1G` is not used: the image's busybox head "
         "rejects the `G` suffix.\n"
     )
+
+
+def _output_limits(results: output_bench.OutputResults) -> list[str]:
+    """Return what bounds the follower figures, from this run's own numbers."""
+    if not (results.pipe.count and results.file_write.count and results.one_follower.count):
+        return []
+    pipe_share = results.file_write.p(50) / results.pipe.p(50)
+    text = (
+        "What bounds these figures: a job's output crosses a pipe on its way to the log, as "
+        "the command's stdout must be a pipe for the output cap and for the stderr ranges. In "
+        f"this run the plain pipe alone reaches {pipe_share:.2f} of the file-write rate, and "
+        "one follower gets "
+        f"{results.pipe.p(50) / results.one_follower.p(50):.2f} times the plain pipe's rate."
+    )
+    if results.many_server_cpu.count and results.many_slowest.count:
+        server_cpu = results.many_server_cpu.p(50) * results.followers
+        text += (
+            f" With {results.followers} followers, {results.followers} GiB leave the server, "
+            f"which costs its one thread {server_cpu:.1f} s of CPU, while the follower "
+            f"processes and the job share the machine's {os.cpu_count()} CPUs with it."
+        )
+    return [text + "\n"]
 
 
 def _scale_section(run: Run, lines: list[str]) -> None:
@@ -577,5 +601,44 @@ def render(run: Run) -> str:
         lines.append(
             "Errors: " + "; ".join(f"{name}: {text}" for name, text in run.errors.items()) + "\n"
         )
+    lines += _changes_section(run)
     lines += sections
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _changes_section(run: Run) -> list[str]:
+    """Return the before and after figures of this version's changes, from this run."""
+    lines = ["## Changes and their effect, measured in this run\n"]
+    rows: list[tuple[str, str, str]] = []
+    start = run.start
+    if start is not None and start.samples[ENGINE].count and start.samples[ENGINE_EXEC].count:
+        rows.append(
+            (
+                "supervisors forked by a fork server, with a container prepared before the job",
+                f"start p50 {ms(start.samples[ENGINE_EXEC].p(50))} ms with a new interpreter "
+                f"per job, {ms(start.samples[ENGINE_FORK].p(50))} ms with a fresh fork per job",
+                f"{ms(start.samples[ENGINE].p(50))} ms",
+            )
+        )
+    output = run.output
+    if output is not None and output.plain_one.count and output.one_follower.count:
+        rows.append(
+            (
+                "followed output sent with sendfile, not through tornado's buffers",
+                f"1 follower {output.plain_one.p(50):.2f} s, "
+                f"{output.plain_one_server_cpu.p(50):.2f} s of server CPU per GiB; "
+                f"{output.followers} followers {output.plain_many_slowest.p(50):.2f} s",
+                f"{output.one_follower.p(50):.2f} s, {output.one_server_cpu.p(50):.2f} s; "
+                f"{output.many_slowest.p(50):.2f} s",
+            )
+        )
+    lines.append(table(("change", "before", "after"), rows) + "\n")
+    lines.append(
+        "Also in the figures, without a switch to measure them one by one: PID 1 starts the "
+        "command with posix_spawn after restricting itself, instead of forking Python; the "
+        "container child creates the user namespace, instead of a process of its own; jobs "
+        "share one staging folder, and the stderr range file is created only for stderr; "
+        "`POST jobs` counts the user's running jobs in SQLite; `submit` starts the supervisor in "
+        "the background.\n"
+    )
+    return lines
