@@ -37,11 +37,11 @@ from peers import CrunPeer
 
 from jupyter_linuxworker.sandbox import JobManager
 
-# Run counts of a full run, chosen to finish in about 6 minutes on 2 cores. --quick uses QUICK.
+# Run counts of a full run, chosen to finish in about 5 minutes on 2 cores. --quick uses QUICK.
 DEFAULTS = {
     "start_rounds": 150,
     "timeline_runs": 60,
-    "output_runs": 9,
+    "output_runs": 13,
     "output_many_runs": 5,
     "followers": 10,
     "jobs": 200,
