@@ -400,6 +400,11 @@ def _output_section(run: Run, lines: list[str]) -> None:
     )
 
 
+def _join(names: list[str]) -> str:
+    """Return ``names`` as an English list: "a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def _output_limits(results: output_bench.OutputResults) -> list[str]:
     """Return what bounds the follower figures, from this run's own numbers."""
     if not (results.pipe.count and results.file_write.count and results.one_follower.count):
@@ -416,7 +421,7 @@ def _output_limits(results: output_bench.OutputResults) -> list[str]:
     ]
     if wide:
         lines.append(
-            f"The times of {', '.join(wide)} spread more than {WIDE_SPREAD:g}-fold between p10 "
+            f"The times of {_join(wide)} spread more than {WIDE_SPREAD:g}-fold between p10 "
             "and p90 in this run: each 1 GiB of new page cache is sometimes fast and sometimes "
             "several times slower to allocate on this machine, so a median can land on either "
             "side, and the verdicts of the two output targets can change from run to run. The "
