@@ -180,8 +180,8 @@ def run(
 ) -> OutputResults:
     """Alternate the file write, the pipe, one follower and ``followers`` followers.
 
-    ``plain`` is the API and pid of a second server that sends output without sendfile; each
-    run then also streams to one follower and to ``followers`` followers through it.
+    ``plain`` is the API and pid of a second server that sends output without sendfile. With
+    it, each run also streams to one follower and to ``followers`` followers through it.
     """
     results = OutputResults(runs=runs, many_runs=many_runs, followers=followers)
     results.file_path = os.path.join(state_dir, "bench-write-test")

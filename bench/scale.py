@@ -156,8 +156,8 @@ def shared_pss(manager: JobManager) -> int:
     if server is None:
         return 0
     total = smaps_rollup(server).get("Pss", 0)
-    # A supervisor that runs a job is counted with its job; the prepared one and its PID 1
-    # have no job yet and serve whichever comes next.
+    # A supervisor that runs a job is counted with its job. The prepared one and its PID 1
+    # have no job yet, so they count as overhead shared by all jobs.
     for pid in children_of(server):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as file:

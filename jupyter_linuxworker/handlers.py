@@ -319,7 +319,7 @@ class OutputHandler(LinuxWorkerHandler):
             self.finish(self.app.manager.read_output(job_id, offset), set_content_type=content_type)
             return
         try:
-            # Sends the headers, and tells whether the body is chunked.
+            # Sends the headers; after that, they show whether the body is chunked.
             await self.flush()
             connection = self.request.connection
             chunked = self._headers.get("Transfer-Encoding") == "chunked"

@@ -871,7 +871,7 @@ async def test_real_v2_job_through_manager(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the job printed nothing"
             await asyncio.sleep(POLL_INTERVAL)
 
-        # The cgroup namespace starts at the job's cgroup, which holds PID 1 and the command.
+        # The cgroup namespace starts at the job's cgroup, and PID 1 and the command are in it.
         assert manager.read_output(job.id) == b"0::/\n"
         assert len(cgroup.pids()) == 2
         assert [name for name in os.listdir(parent) if name.startswith("pending-")] == []

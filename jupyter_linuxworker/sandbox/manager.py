@@ -447,9 +447,7 @@ class JobManager:
         async for _stream, data in self._follow(job_id, offset, streams=False):
             yield data
 
-    async def follow_extents(
-        self, job_id: str, offset: int = 0
-    ) -> AsyncIterator[tuple[int, int]]:
+    async def follow_extents(self, job_id: str, offset: int = 0) -> AsyncIterator[tuple[int, int]]:
         """Yield (offset, size) of each new part of the log, without reading it.
 
         For callers that copy the log themselves, such as with sendfile. It ends when the job

@@ -72,7 +72,7 @@ def make_mounts_private() -> None:
 
 @dataclass(frozen=True)
 class RootSpec:
-    """What a job's root is built from, before its volumes: the same for most jobs."""
+    """The inputs of a job's root before its volumes, which most jobs share."""
 
     staging: str
     image_root: str
