@@ -67,7 +67,7 @@ class LinuxWorkerApp(ExtensionApp):
     sendfile_output = Bool(
         True,
         help="Send followed raw output from the log to the socket with sendfile. With False it "
-        "goes through tornado's buffers, which costs the server about twice the CPU per byte.",
+        "goes through tornado's buffers, which costs the server more CPU per byte.",
     ).tag(config=True)
     stop_jobs_on_shutdown = Bool(
         False, help="Stop running jobs when the server stops; by default they outlive it."
