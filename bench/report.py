@@ -472,7 +472,7 @@ def _scale_section(run: Run, lines: list[str]) -> None:
         ),
         (
             "host memory per job outside its cgroup: PSS of its supervisor, plus a share of "
-            "the fork server and its prepared supervisor",
+            "the fork server and its prepared supervisors",
             f"**{per_job / MB:.2f} MB**: supervisors mean {results.pss_mean / MB:.2f} MB "
             f"(p50 {results.pss.p(50) / MB:.2f}, p90 {results.pss.p(90) / MB:.2f} MB), "
             f"plus {results.shared_pss / MB:.2f} MB / {results.jobs} jobs",
@@ -542,7 +542,7 @@ def _scale_section(run: Run, lines: list[str]) -> None:
         'Commands: after a `sync`, `manager.submit({"command": "sleep 600"}, owner="alice")` '
         f"{results.jobs} times in a row; the rate takes the latest `started_at` (written by each "
         "supervisor when the job turns RUNNING). PSS is read from /proc/PID/smaps_rollup of "
-        "each supervisor, of the fork server, and of the prepared supervisor and its PID 1 "
+        "each supervisor, of the fork server, and of the prepared supervisors and their PID 1 "
         "that wait for the next job. Then the manager is closed, a server on the same state "
         "folder adopts the jobs, and GETs go to random ones of them as alice. At the end the "
         "server stops, and a new manager stops all jobs and checks for running records, job "

@@ -32,7 +32,7 @@ class ScaleResults:
     supervisor_cpu: Samples = field(default_factory=Samples)
     job_cpu: Samples = field(default_factory=Samples)
     pss: Samples = field(default_factory=Samples)  # bytes per supervisor
-    # PSS bytes of the fork server and of its prepared supervisor and that one's PID 1, which
+    # PSS bytes of the fork server and of its prepared supervisors and their PID 1, which
     # serve every job.
     shared_pss: int = 0
     rss: Samples = field(default_factory=Samples)
@@ -151,7 +151,7 @@ async def start_jobs(state_dir: str, count: int, ids: list[str], results: ScaleR
 
 
 def shared_pss(manager: JobManager) -> int:
-    """Return the PSS of the fork server and of its prepared supervisor with that one's PID 1."""
+    """Return the PSS of the fork server and of its prepared supervisors with their PID 1."""
     server = manager.launcher.server_pid
     if server is None:
         return 0

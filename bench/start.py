@@ -171,8 +171,8 @@ _PID1_STEPS = (
     (
         "pid1_go",
         "root_ready",
-        "PID 1: read launch.json, unshare the cgroup namespace, mount the volumes (the root "
-        "was built while preparing)",
+        "PID 1: read launch.json, unshare the cgroup namespace, mount the volumes (PID 1 "
+        "built the root when its container was prepared)",
     ),
     ("root_ready", "pivot_root_done", "PID 1: hostname, pivot_root"),
     ("pivot_root_done", "userns_entered", "PID 1: enter the user namespace"),
@@ -205,11 +205,15 @@ TIMELINE_STEPS: dict[str, tuple[tuple[str, str, str], ...]] = {
             "supervisor_run",
             "supervisor: read launch.json, write supervisor.json",
         ),
-        ("supervisor_run", "userns_done", "supervisor: create the user namespace"),
-        ("userns_done", "container_start", "supervisor: pipes, fork the container child"),
+        ("supervisor_run", "container_start", "supervisor: pipes, fork the container child"),
         ("container_start", "namespaces_unshared", "container child: unshare the namespaces"),
         ("namespaces_unshared", "pid1_start", "container child: fork PID 1"),
-        ("pid1_start", "prepared", "supervisor: read PID 1's pid, reap the container child"),
+        (
+            "pid1_start",
+            "prepared",
+            "container child: create the user namespace; supervisor: write its maps, hand it "
+            "and the root to build to PID 1",
+        ),
         ("prepared", "cgroup_create", "supervisor: signal handlers"),
         ("cgroup_create", "cgroup_limits_done", "supervisor: create the cgroup, write the limits"),
         ("cgroup_limits_done", "cgroup_joined", "supervisor: move PID 1 into the cgroup"),

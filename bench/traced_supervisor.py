@@ -29,7 +29,6 @@ EVENTS = (
     "supervisor_imported",
     "job_received",
     "supervisor_run",
-    "userns_done",
     "container_start",
     "namespaces_unshared",
     "pid1_start",
@@ -71,7 +70,6 @@ from jupyter_linuxworker.sandbox import (  # noqa: E402
     seccomp,
     supervisor,
     syscalls,
-    userns,
 )
 
 mark("supervisor_imported")
@@ -93,7 +91,6 @@ def wrap(owner: object, name: str, before: str | None = None, after: str | None 
 
 wrap(jobdir, "redirect_output", before="job_received")
 wrap(supervisor.Supervisor, "run", before="supervisor_run")
-wrap(userns, "make_userns", after="userns_done")
 wrap(container, "_run_container", before="container_start")
 wrap(container, "_run_pid1", before="pid1_start")
 wrap(container, "prepare_container", after="prepared")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -173,6 +175,10 @@ def _dispatch(parser: argparse.ArgumentParser, options: argparse.Namespace) -> i
     return handler(_client(options), options)
 
 
+# The shell's code for a command ended by SIGPIPE.
+EXIT_BROKEN_PIPE: Final = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `jupyter linuxworker` with ``argv``; return the exit code."""
     parser = build_parser()
@@ -194,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PermissionError as error:
         _error(f"{error}; running jobs on this machine needs root")
         return cli_local.EXIT_ENGINE_ERROR
+    except BrokenPipeError:
+        # The reader of stdout has gone, as `| head` does: stop quietly, as other command line
+        # tools do. stdout is pointed at /dev/null so that flushing at exit fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def _error(message: Any) -> None:

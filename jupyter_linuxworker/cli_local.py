@@ -59,6 +59,11 @@ async def run_job(options: argparse.Namespace, spec: dict[str, object]) -> int:
             async for stream, data in manager.follow_streams(job.id):
                 _write_piece(stream, data)
             record = await manager.wait(job.id)
+        except BrokenPipeError:
+            # Whoever read the output is gone, as a foreground command's reader can be: the
+            # job ends as that command would, at once.
+            await manager.stop(job.id, grace=0)
+            raise
         finally:
             for signum in STOP_SIGNALS:
                 loop.remove_signal_handler(signum)

@@ -153,3 +153,16 @@ def test_run_timeout_exit_code(cli: list[str]) -> None:
     assert result.returncode == 143
     assert time.monotonic() - started < 5
     assert b"FAILED: timed out after 1 s" in result.stderr
+
+
+def test_closed_stdout_ends_quietly(cli: list[str]) -> None:
+    # As in `jupyter linuxworker run ... | head -c 5`: the reader closes the pipe early.
+    process = subprocess.Popen(
+        [*cli, "run", "--", "seq 1 2000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(5) == b"1\n2\n3"
+    process.stdout.close()
+    errors = process.stderr.read()
+    assert process.wait(timeout=30) == 128 + signal.SIGPIPE
+    assert errors == b""

@@ -12,7 +12,7 @@ from conftest import assert_no_leftovers, wait_for_exit
 
 from jupyter_linuxworker.sandbox import jobdir
 from jupyter_linuxworker.sandbox.cgroups import JobCgroup
-from jupyter_linuxworker.sandbox.forkserver import PENDING_PREFIX
+from jupyter_linuxworker.sandbox.forkserver import PENDING_PREFIX, PREPARED_COUNT
 from jupyter_linuxworker.sandbox.manager import JobManager
 from jupyter_linuxworker.sandbox.store import JobStatus
 
@@ -45,16 +45,25 @@ def command_line(pid: int) -> bytes:
         return file.read()
 
 
-async def prepared_supervisor(manager: JobManager) -> int:
-    """Wait until the fork server has a prepared supervisor with its cgroup; return its pid."""
+def pending_of(manager: JobManager, server: int) -> set[str]:
+    """Return the names of the pending cgroups that fork server ``server`` made."""
+    return {name for name in pending_cgroups(manager) if name.split("-")[1] == str(server)}
+
+
+async def prepared_supervisors(manager: JobManager) -> list[int]:
+    """Wait until the fork server has its prepared supervisors, each with PID 1 in a pending
+    cgroup; return their pids."""
     server = manager.launcher.server_pid
     assert server is not None
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         prepared = [pid for pid in children_of(server) if b"(prepared" in command_line(pid)]
-        if prepared and any(str(server) in name for name in pending_cgroups(manager)):
-            return prepared[0]
-        assert time.monotonic() < deadline, "no prepared supervisor appeared"
+        filled = [
+            name for name in pending_of(manager, server) if manager.cgroups.for_job(name).pids()
+        ]
+        if len(prepared) == PREPARED_COUNT and len(filled) == PREPARED_COUNT:
+            return prepared
+        assert time.monotonic() < deadline, f"{len(prepared)} prepared supervisors appeared"
         await asyncio.sleep(0.02)
 
 
@@ -85,7 +94,7 @@ async def test_unknown_start_mode_is_rejected(state_dir: str) -> None:
 
 
 async def test_prepared_supervisor_runs_the_job(manager: JobManager) -> None:
-    prepared = await prepared_supervisor(manager)
+    prepared = await prepared_supervisors(manager)
     pending = pending_cgroups(manager)
 
     job = await manager.submit({"command": "echo hi; sleep 30"})
@@ -93,12 +102,12 @@ async def test_prepared_supervisor_runs_the_job(manager: JobManager) -> None:
         await asyncio.sleep(0.02)
     info = jobdir.read_json(os.path.join(manager.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
     assert info is not None
-    assert info["pid"] == prepared
+    assert info["pid"] in prepared
 
     # Its pending cgroup became the job's cgroup, with the job's processes in it.
-    assert not pending & pending_cgroups(manager)
+    assert len(pending - pending_cgroups(manager)) == 1
     assert len(manager.cgroups.for_job(job.id).pids()) == 2
-    title = command_line(prepared)
+    title = command_line(info["pid"])
     assert title.startswith(b"jupyter-linuxworker-supervisor " + manager.jobs_dir.encode())
     record = await manager.stop(job.id, grace=0)
     assert record.status == JobStatus.STOPPED
@@ -107,45 +116,47 @@ async def test_prepared_supervisor_runs_the_job(manager: JobManager) -> None:
 async def test_close_removes_prepared_supervisor(state_dir: str) -> None:
     manager = JobManager(state_dir)
     await manager.start()
-    prepared = await prepared_supervisor(manager)
+    prepared = await prepared_supervisors(manager)
     server = manager.launcher.server_pid
     assert server is not None
     await manager.close()
 
-    wait_for_exit(prepared)
+    for pid in prepared:
+        wait_for_exit(pid)
     wait_for_exit(server)
     assert pending_cgroups(manager) == set()
 
 
 async def test_killed_fork_server_is_replaced(manager: JobManager) -> None:
-    prepared = await prepared_supervisor(manager)
+    prepared = await prepared_supervisors(manager)
     first = manager.launcher.server_pid
     assert first is not None
     os.kill(first, signal.SIGKILL)
     wait_for_exit(first)
-    # The prepared supervisor reads the end of its socket and discards its container.
-    wait_for_exit(prepared)
+    # The prepared supervisors read the end of their sockets and discard their containers.
+    for pid in prepared:
+        wait_for_exit(pid)
 
     await run_echo(manager)
     assert manager.launcher.server_pid not in (None, first)
     deadline = time.monotonic() + READY_TIMEOUT
-    while any(str(first) in name for name in pending_cgroups(manager)):
+    while pending_of(manager, first):
         assert time.monotonic() < deadline, "the killed server's pending cgroup stayed"
         await asyncio.sleep(0.02)
 
 
 async def test_killed_prepared_supervisor_is_replaced(manager: JobManager) -> None:
-    prepared = await prepared_supervisor(manager)
-    server = manager.launcher.server_pid
-    names = {name for name in pending_cgroups(manager) if str(server) in name}
-    os.kill(prepared, signal.SIGKILL)
-    wait_for_exit(prepared)
+    prepared = await prepared_supervisors(manager)
+    os.kill(prepared[0], signal.SIGKILL)
+    wait_for_exit(prepared[0])
 
+    # The killed one's PID 1 ends with it, and the fork server removes its pending cgroup; the
+    # next jobs run, and the fork server prepares a replacement.
     await run_echo(manager)
-    deadline = time.monotonic() + READY_TIMEOUT
-    while names & pending_cgroups(manager):
-        assert time.monotonic() < deadline, f"pending cgroups {names} stayed"
-        await asyncio.sleep(0.02)
+    await run_echo(manager)
+    replaced = await prepared_supervisors(manager)
+    assert prepared[0] not in replaced
+    assert all(manager.cgroups.for_job(name).pids() for name in pending_cgroups(manager))
 
 
 async def test_start_removes_stale_pending_cgroup(state_dir: str) -> None:
@@ -179,18 +190,18 @@ def descriptors(pid: int) -> list[str]:
 async def test_no_descriptors_leak_between_jobs(manager: JobManager) -> None:
     jobs = []
     for _ in range(3):
-        await prepared_supervisor(manager)
+        await prepared_supervisors(manager)
         jobs.append(await manager.submit({"command": "sleep 30"}))
     for job in jobs:
         while manager.get(job.id).status != JobStatus.RUNNING:
             await asyncio.sleep(0.02)
 
-    # The fork server keeps its request socket and the prepared supervisor's, nothing per job.
+    # The fork server keeps its request socket and the prepared supervisors', nothing per job.
     server = manager.launcher.server_pid
     assert server is not None
-    await prepared_supervisor(manager)
+    await prepared_supervisors(manager)
     sockets = [target for target in descriptors(server) if target.startswith("socket:")]
-    assert len(sockets) == 2
+    assert len(sockets) == 1 + PREPARED_COUNT
     for job in jobs:
         info = jobdir.read_json(os.path.join(manager.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
         assert info is not None

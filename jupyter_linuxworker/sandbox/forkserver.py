@@ -8,10 +8,10 @@ on a ``SOCK_SEQPACKET`` socket: each request is a job folder, and each reply nam
 supervisor and carries a pidfd of it. A forked supervisor shares the server's pages copy on
 write, so it costs the host far less memory than an interpreter of its own.
 
-The server keeps one supervisor forked ahead of time, which prepares a container (see
-``supervisor.run_prepared``) and waits for a job. A request goes to it, ready or still
-preparing, and the next one is forked shortly after. When there is none, the request gets a
-fresh fork, which prepares its container on the job's start path.
+The server keeps two supervisors forked ahead of time, each of which prepares a container (see
+``supervisor.run_prepared``) and waits for a job. A request goes to a ready one, or else to
+one still preparing, and a replacement is forked shortly after. When there is none, the
+request gets a fresh fork, which prepares its container on the job's start path.
 
 The server exits when the manager closes the socket. A prepared supervisor that has no job then
 discards its container; the supervisors of jobs keep running, as they do when the manager exits.
@@ -53,6 +53,8 @@ PREPARED_TITLE: Final = "jupyter-linuxworker-supervisor (prepared, no job yet)"
 # Prefix of the cgroups that prepared containers wait in; the rest of the name is the fork
 # server's pid and a counter.
 PENDING_PREFIX: Final = "pending-"
+# Prepared supervisors kept at once, so that two jobs in quick succession both find one.
+PREPARED_COUNT: Final = 2
 # After this many prepared supervisors in a row fail, jobs get fresh forks only.
 MAX_PREPARE_FAILURES: Final = 3
 # How long after handing out a prepared supervisor the next one is forked. Preparing would
@@ -98,6 +100,7 @@ class Prepared:
     start_ticks: int | None
     sock: socket.socket
     pending: JobCgroup | None
+    ready: bool = False
 
 
 class ForkServer:
@@ -117,7 +120,8 @@ class ForkServer:
         self.wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_write = wake_write
         self.poller = select.poll()
-        self.prepared: Prepared | None = None
+        # Oldest first.
+        self.prepared: list[Prepared] = []
         # Without preparing, every job gets a fresh fork.
         self.prepare_failures = 0 if config.get("prepare", True) else MAX_PREPARE_FAILURES
         self.counter = 0
@@ -156,8 +160,8 @@ class ForkServer:
                 if fd == self.wake_read:
                     _drain(self.wake_read)
                     self._reap_children()
-                elif self.prepared is not None and fd == self.prepared.sock.fileno():
-                    self._on_prepared_message()
+                elif any(fd == prepared.sock.fileno() for prepared in self.prepared):
+                    self._on_prepared_message(fd)
                 elif fd in self.handed:
                     self._on_handed_message(fd)
                 elif fd == self.sock.fileno():
@@ -172,7 +176,7 @@ class ForkServer:
             self._send_error(2, f"job folder {job_dir!r} is not an existing absolute path")
             return
         if self._hand_to_prepared(request):
-            self.prepare_at = time.monotonic() + PREPARE_DELAY
+            self._schedule_prepare(PREPARE_DELAY)
             return
 
         try:
@@ -190,14 +194,14 @@ class ForkServer:
             self._send_reply(pid, jobdir.process_start_ticks(pid), pidfd)
         finally:
             os.close(pidfd)
-        if self.prepared is None and self.prepare_at is None:
-            self.prepare_at = time.monotonic() + PREPARE_DELAY
+        self._schedule_prepare(PREPARE_DELAY)
 
     def _hand_to_prepared(self, request: bytes) -> bool:
-        prepared = self.prepared
-        if prepared is None:
+        if not self.prepared:
             return False
-        self._forget_prepared()
+        # A ready one if there is one, else the one that started preparing first.
+        prepared = next((p for p in self.prepared if p.ready), self.prepared[0])
+        self._forget_prepared(prepared)
         try:
             prepared.sock.send(request)
         except OSError:
@@ -224,8 +228,16 @@ class ForkServer:
 
     # -- prepared supervisors -------------------------------------------------------------
 
+    def _schedule_prepare(self, delay: float) -> None:
+        """Fork another prepared supervisor after ``delay`` seconds, if the pool is not full."""
+        if len(self.prepared) >= PREPARED_COUNT:
+            return
+        at = time.monotonic() + delay
+        if self.prepare_at is None or at < self.prepare_at:
+            self.prepare_at = at
+
     def _prepare_next(self) -> None:
-        if self.prepared is not None or self.prepare_failures >= MAX_PREPARE_FAILURES:
+        if len(self.prepared) >= PREPARED_COUNT or self.prepare_failures >= MAX_PREPARE_FAILURES:
             return
         pending = None
         if self.cgroup_parents is not None:
@@ -251,25 +263,27 @@ class ForkServer:
             )
         theirs.close()
         pidfd = os.pidfd_open(pid)
-        self.prepared = Prepared(pid, pidfd, jobdir.process_start_ticks(pid), ours, pending)
+        self.prepared.append(Prepared(pid, pidfd, jobdir.process_start_ticks(pid), ours, pending))
         if pending is not None:
             self.pending_by_pid[pid] = pending
         self.poller.register(ours.fileno(), select.POLLIN)
 
-    def _on_prepared_message(self) -> None:
-        prepared = self.prepared
-        assert prepared is not None
+    def _on_prepared_message(self, fd: int) -> None:
+        prepared = next(p for p in self.prepared if p.sock.fileno() == fd)
         message = prepared.sock.recv(MAX_REQUEST)
         if message == self.supervisor.READY_MESSAGE:
+            prepared.ready = True
             self.prepare_failures = 0
+            # One at a time: two preparing at once would compete for the same locks.
+            self._schedule_prepare(0.0)
             return
         # Preparing failed (the reason is in this server's log), or the supervisor ended.
         # Closing the socket makes it exit.
-        self._forget_prepared()
+        self._forget_prepared(prepared)
         prepared.sock.close()
         os.close(prepared.pidfd)
         self.prepare_failures += 1
-        self.prepare_at = time.monotonic() + PREPARE_DELAY
+        self._schedule_prepare(PREPARE_DELAY)
 
     def _on_handed_message(self, fd: int) -> None:
         sock = self.handed[fd]
@@ -282,22 +296,21 @@ class ForkServer:
         del self.handed[fd]
         sock.close()
 
-    def _forget_prepared(self) -> None:
-        if self.prepared is not None:
-            self.poller.unregister(self.prepared.sock.fileno())
-            self.prepared = None
+    def _forget_prepared(self, prepared: Prepared) -> None:
+        self.poller.unregister(prepared.sock.fileno())
+        self.prepared.remove(prepared)
 
     def _end_prepared(self) -> None:
-        """Make the prepared supervisor discard its container, and wait for it to exit."""
-        prepared = self.prepared
-        if prepared is None:
-            return
-        self._forget_prepared()
-        prepared.sock.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(prepared.pid, 0)
-        os.close(prepared.pidfd)
-        self._remove_pending(prepared.pid)
+        """Make the prepared supervisors discard their containers, and wait for them to exit."""
+        ending = list(self.prepared)
+        for prepared in ending:
+            self._forget_prepared(prepared)
+            prepared.sock.close()
+        for prepared in ending:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(prepared.pid, 0)
+            os.close(prepared.pidfd)
+            self._remove_pending(prepared.pid)
 
     def _reap_children(self) -> None:
         while True:
@@ -327,9 +340,9 @@ class ForkServer:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             # A fork copies every descriptor: keep none of the server's.
             self.sock.close()
-            if self.prepared is not None:
-                self.prepared.sock.close()
-                os.close(self.prepared.pidfd)
+            for prepared in self.prepared:
+                prepared.sock.close()
+                os.close(prepared.pidfd)
             for handed in self.handed.values():
                 handed.close()
             os.close(self.wake_read)

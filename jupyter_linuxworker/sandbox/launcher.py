@@ -3,8 +3,8 @@
 Three modes, from the fastest start to the simplest:
 
 - ``prepared`` (the default): one fork server per manager, started with the manager and
-  restarted when it has died. It keeps a supervisor forked ahead of time, whose container and
-  cgroup are ready before the job is submitted.
+  restarted when it has died. It keeps supervisors forked ahead of time, whose containers and
+  cgroups are ready before a job is submitted.
 - ``fork``: the same fork server, but each job gets a fresh fork that prepares its container
   on the job's start path.
 - ``exec``: ``python -I -S supervisor.py JOB_DIR`` for each job, with no helper process.
