@@ -203,7 +203,7 @@ TIMELINE_STEPS: dict[str, tuple[tuple[str, str, str], ...]] = {
         (
             "supervisor_imported",
             "supervisor_run",
-            "supervisor: read launch.json, write supervisor.json",
+            "supervisor: read launch.json, set up logging",
         ),
         ("supervisor_run", "container_start", "supervisor: pipes, fork the container child"),
         ("container_start", "namespaces_unshared", "container child: unshare the namespaces"),
@@ -227,7 +227,7 @@ TIMELINE_STEPS: dict[str, tuple[tuple[str, str, str], ...]] = {
             "job_received",
             "manager → fork server → prepared supervisor: the job's folder",
         ),
-        ("job_received", "supervisor_run", "supervisor: read launch.json, write supervisor.json"),
+        ("job_received", "supervisor_run", "supervisor: read launch.json, set up logging"),
         ("supervisor_run", "cgroup_rename", "supervisor: signal handlers"),
         (
             "cgroup_rename",
