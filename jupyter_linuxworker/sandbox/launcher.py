@@ -9,7 +9,7 @@ Three modes, from the fastest start to the simplest:
   on the job's start path.
 - ``exec``: ``python -I -S supervisor.py JOB_DIR`` for each job, with no helper process.
 
-The two slower modes are kept for comparison in the benchmarks, and ``exec`` as a fallback.
+The two slower modes are kept for the benchmarks' before and after figures.
 
 Either way, each supervisor runs in a session of its own, with SIGUSR1 and SIGTERM blocked until
 its handlers exist, stdin on /dev/null, and stdout and stderr appended to ``supervisor.log`` in

@@ -231,6 +231,8 @@ class Supervisor:
             self._discard(prepared, pending)
             return self._setup_failed("create cgroup", error)
         if pending is None:
+            # NOTE: on cgroup v2, which cannot rename, this move is on every job's start path
+            # and may wait for an RCU grace period; CLONE_INTO_CGROUP could avoid it.
             try:
                 self.cgroup.join(prepared.pid1)
             except CgroupError as error:
