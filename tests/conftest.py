@@ -29,8 +29,25 @@ def processes_with_cmdline(*argv: str) -> list[int]:
     return found
 
 
+def children_of(pid: int) -> set[int]:
+    """Return the pids whose parent is ``pid``, read from /proc/<pid>/stat."""
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="utf-8") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        # The command name in brackets may contain spaces, so fields are counted after it.
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
 def wait_for_exit(pid: int, timeout: float = 10.0) -> None:
-    """Wait until process ``pid`` has ended, whoever its parent is; fail after ``timeout``."""
+    """Wait until process ``pid`` has ended, also when it is not a child; fail after ``timeout``."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:

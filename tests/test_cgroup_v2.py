@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import children_of
 
 from jupyter_linuxworker.sandbox import cgroupfs, cgroups, syscalls
 from jupyter_linuxworker.sandbox.cgroups import (
@@ -541,23 +542,6 @@ def cgroup2_mount() -> str | None:
             if right.split()[0] == "cgroup2":
                 return left.split()[4]
     return None
-
-
-def children_of(pid: int) -> set[int]:
-    """Return the pids whose parent is ``pid``, read from /proc/<pid>/stat."""
-    found = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", encoding="utf-8") as file:
-                stat = file.read()
-        except OSError:
-            continue
-        # The command name in brackets may contain spaces, so fields are counted after it.
-        if int(stat.rpartition(")")[2].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:

@@ -115,8 +115,8 @@ class PreparedContainer:
 def prepare_container(id_map: tuple[int, int], root: RootSpec | None = None) -> PreparedContainer:
     """Create the pipes, PID 1 and the user namespace; raise SetupError naming the failed step.
 
-    With ``root``, PID 1 builds that root now; a job whose launch data asks for the same root
-    then only adds its volumes. The caller must be a child subreaper, so that PID 1 becomes
+    With ``root``, PID 1 builds that root now, so a job whose launch data names the same root
+    only adds its volumes. The caller must be a child subreaper, so that PID 1 becomes
     its child.
     """
     try:
@@ -153,43 +153,46 @@ def prepare_container(id_map: tuple[int, int], root: RootSpec | None = None) -> 
         buffer += data
     line, _, rest = buffer.partition(b"\n")
     message = json.loads(line) if line else {}
-    job_userns = -1
     try:
-        if "pid1" in message:
-            start, size = id_map
-            id_line = f"0 {start} {size}"
-            job_userns = userns.map_and_open(container_pid, id_line, id_line)
-    except OSError as error:
-        _signal_quietly(int(message["pid1"]), signal.SIGKILL)
-        text = f"create user namespace: {error}"
-        failure = {"step": "create user namespace", "errno": error.errno or 0, "message": text}
-        message = {"setup_error": failure}
-    finally:
-        os.close(release_write)
-        os.waitpid(container_pid, 0)
-
-    if job_userns >= 0:
+        if "pid1" not in message:
+            failure = message.get("setup_error", {})
+            text = failure.get("message", "the container child ended without reporting PID 1")
+            cause = OSError(int(failure.get("errno", errno.EIO)), text)
+            raise SetupError(failure.get("step", "fork PID 1"), cause)
+        pid1 = int(message["pid1"])
         try:
-            message_root = json.dumps(dataclasses.asdict(root) if root is not None else None)
-            socket.send_fds(control, [message_root.encode()], [job_userns])
-        except OSError as error:
-            _signal_quietly(int(message["pid1"]), signal.SIGKILL)
-            text = f"hand the user namespace to PID 1: {error}"
-            failure = {"step": "prepare PID 1", "errno": error.errno or 0, "message": text}
-            message = {"setup_error": failure}
-        finally:
-            os.close(job_userns)
-    if "setup_error" in message or "pid1" not in message:
+            _hand_over_userns(container_pid, id_map, root, control)
+        except SetupError:
+            _signal_quietly(pid1, signal.SIGKILL)
+            raise
+    except SetupError:
         for fd in (stdout_read, stderr_read, status_read):
             os.close(fd)
         control.close()
-        failure = message.get("setup_error", {})
-        errno_value = int(failure.get("errno", errno.EIO))
-        text = failure.get("message", "the container child ended without reporting PID 1")
-        raise SetupError(failure.get("step", "fork PID 1"), OSError(errno_value, text))
-    return PreparedContainer(
-        id_map, int(message["pid1"]), control, stdout_read, stderr_read, status_read, rest
-    )
+        raise
+    finally:
+        os.close(release_write)
+        os.waitpid(container_pid, 0)
+    return PreparedContainer(id_map, pid1, control, stdout_read, stderr_read, status_read, rest)
+
+
+def _hand_over_userns(
+    container_pid: int, id_map: tuple[int, int], root: RootSpec | None, control: socket.socket
+) -> None:
+    """Map the user namespace that the container child made, and send it to PID 1 with ``root``."""
+    start, size = id_map
+    id_line = f"0 {start} {size}"
+    try:
+        job_userns = userns.map_and_open(container_pid, id_line, id_line)
+    except OSError as error:
+        raise SetupError("create user namespace", error) from None
+    try:
+        root_message = json.dumps(dataclasses.asdict(root) if root is not None else None)
+        socket.send_fds(control, [root_message.encode()], [job_userns])
+    except OSError as error:
+        raise SetupError("prepare PID 1", error) from None
+    finally:
+        os.close(job_userns)
 
 
 def start_container(prepared: PreparedContainer, job_dir: str, volume_userns: list[int]) -> None:
