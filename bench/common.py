@@ -147,7 +147,7 @@ class Api:
 def start_server(base: str, extra: Sequence[str] = ()) -> Any:
     """Start a `jupyter server` with the extension on 127.0.0.1, state in ``base``/state.
 
-    ``extra`` holds more command line options for the server.
+    ``extra`` contains more command line options for the server.
     """
     if TESTS_DIR not in sys.path:
         sys.path.insert(0, TESTS_DIR)

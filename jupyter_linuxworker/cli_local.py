@@ -60,8 +60,8 @@ async def run_job(options: argparse.Namespace, spec: dict[str, object]) -> int:
                 _write_piece(stream, data)
             record = await manager.wait(job.id)
         except BrokenPipeError:
-            # Whoever read the output is gone, as a foreground command's reader can be: the
-            # job ends as that command would, at once.
+            # The reader of the output has closed the pipe, so the job ends at once, as a
+            # foreground command in that pipeline would.
             await manager.stop(job.id, grace=0)
             raise
         finally:

@@ -58,8 +58,8 @@ PREPARED_COUNT: Final = 2
 # After this many prepared supervisors in a row fail, jobs get fresh forks only.
 MAX_PREPARE_FAILURES: Final = 3
 # How long after handing out a prepared supervisor the next one is forked. Preparing would
-# compete with the job that just started: its move into a v1 cgroup holds the kernel's
-# cgroup_mutex for an RCU grace period, which blocks the job's cgroup rename.
+# compete with the job that just started, for the CPU and for the kernel's cgroup locks that
+# its move into a cgroup and the job's cgroup rename both take.
 PREPARE_DELAY: Final = 0.01
 
 
