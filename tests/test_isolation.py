@@ -53,8 +53,11 @@ async def test_only_loopback_network(manager: JobManager) -> None:
 async def test_loopback_is_usable(manager: JobManager) -> None:
     status, _, output = await run(
         manager,
-        # Retry until the listener is up, then wait for it to write what it received.
-        "nc -l -p 8080 >/tmp/got & listener=$!; "
+        # The listener reads a FIFO held open by the shell: at the end of its input, busybox
+        # nc half-closes the connection, and a client that sees that before reading its own
+        # input quits without sending. Retry until the listener is up, then wait for it.
+        "mkfifo /tmp/hold; nc -l -p 8080 </tmp/hold >/tmp/got & listener=$!; "
+        "exec 3>/tmp/hold; "
         "for i in $(seq 1 50); do echo ping | nc 127.0.0.1 8080 2>/dev/null && break; "
         "sleep 0.1; done; wait $listener; cat /tmp/got",
     )
