@@ -144,10 +144,10 @@ class LinuxWorkerHandler(ExtensionHandlerMixin, APIHandler):
             return
         super().log_exception(typ, value, tb)
 
-    def json_body(self) -> Any:
-        """Return the request's JSON body (None when empty); 400 when it is not valid JSON."""
+    def json_body(self, empty: Any = None) -> Any:
+        """Return the request's JSON body, or ``empty`` without one; 400 when it is not JSON."""
         if not self.request.body:
-            return None
+            return empty
         try:
             return json.loads(self.request.body)
         except ValueError as error:
@@ -260,11 +260,11 @@ class StopHandler(LinuxWorkerHandler):
     async def post(self, job_id: str) -> None:
         """Stop the job (SIGTERM, then SIGKILL after ``grace`` seconds); return it once ended."""
         job_id = self.get_job(job_id).id
-        body = self.json_body()
-        body = {} if body is None else body
+        # No body means no options; a JSON null is a wrong body, as the API document says.
+        body = self.json_body(empty={})
         if not isinstance(body, dict) or set(body) - {"grace"}:
             raise web.HTTPError(
-                400, f'invalid body {body!r}: expected {{}} or {{"grace": seconds}}'
+                400, f'invalid body {json.dumps(body)}: expected {{}} or {{"grace": seconds}}'
             )
         grace = body.get("grace")
         if grace is not None and (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import socket
 import threading
@@ -152,18 +153,26 @@ def test_bad_field_is_400_and_stores_nothing(server: ServerProcess) -> None:
     assert len(all_jobs(server.state_dir)) == before
 
 
-def test_not_json_body_is_400(server: ServerProcess) -> None:
+def raw_post(server: ServerProcess, path: str, body: bytes) -> tuple[int, bytes]:
+    """POST ``body`` unchanged to ``path`` below the API as Alice; return status and body."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    connection.request(
-        "POST",
-        urllib.parse.urlsplit(server.api).path + "jobs",
-        body=b"{nope",
-        headers={"Authorization": f"token {ALICE}"},
-    )
-    response = connection.getresponse()
-    assert response.status == 400
-    assert b"not valid JSON" in response.read()
-    connection.close()
+    try:
+        connection.request(
+            "POST",
+            urllib.parse.urlsplit(server.api).path + path,
+            body=body,
+            headers={"Authorization": f"token {ALICE}"},
+        )
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_not_json_body_is_400(server: ServerProcess) -> None:
+    status, raw = raw_post(server, "jobs", b"{nope")
+    assert status == 400
+    assert b"not valid JSON" in raw
 
 
 def test_unknown_and_invalid_ids_are_404(server: ServerProcess) -> None:
@@ -231,6 +240,14 @@ def test_stop_and_delete(server: ServerProcess) -> None:
     assert stopped["signal"] == 9
     assert 0.5 <= time.monotonic() - started < 2.0
     assert request("POST", url + "/stop", ALICE, {})[1] == stopped
+    path = f"jobs/{job['id']}/stop"
+    assert raw_post(server, path, b"")[0] == 200
+    for body in (b"null", b"[]", b'{"signal": 9}'):
+        status, raw = raw_post(server, path, body)
+        assert status == 400
+        assert json.loads(raw)["message"] == (
+            f'invalid body {body.decode()}: expected {{}} or {{"grace": seconds}}'
+        )
 
     assert request("DELETE", url, ALICE) == (204, b"")
     assert request("GET", url, ALICE)[0] == 404
