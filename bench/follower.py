@@ -2,14 +2,16 @@
 
 Usage: follower.py PORT TOKEN. The process connects first, then reads the job id as one line
 on stdin, so that its start-up is not timed. At the end it prints one JSON line with the byte
-count and CLOCK_MONOTONIC times (the same clock in every process): request sent, first byte,
-last byte, end of the response.
+count, CLOCK_MONOTONIC times (the same clock in every process): request sent, first byte,
+last byte, end of the response, and the CPU seconds (all, and in the kernel) this process
+spent from the request to its last byte.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import sys
 import time
 
@@ -23,6 +25,7 @@ def main(argv: list[str]) -> int:
     job_id = sys.stdin.readline().strip()
 
     requested = time.monotonic()
+    cpu_start = os.times()
     connection.request(
         "GET",
         f"/linuxworker/api/jobs/{job_id}/output?follow=1",
@@ -33,11 +36,15 @@ def main(argv: list[str]) -> int:
     buffer = bytearray(BUFFER_SIZE)
     count = 0
     first = last = None
+    cpu = system = 0.0
     while True:
         size = response.readinto(buffer)
         if not size:
             break
         last = time.monotonic()
+        now = os.times()
+        system = now.system - cpu_start.system
+        cpu = now.user - cpu_start.user + system
         if first is None:
             first = last
         count += size
@@ -50,6 +57,8 @@ def main(argv: list[str]) -> int:
         "first": first,
         "last": last,
         "ended": ended,
+        "cpu": cpu,
+        "cpu_system": system,
     }
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,6 +24,9 @@ HEAD_COMMAND = f"head -c {GIB} /dev/zero"
 OUTPUT_CAP = "2G"
 # How often the job-alone run reads the job's record: a bound on how late its end is seen.
 ALONE_POLL = 0.01
+# How often the machine's busy CPU time is read during a followed run. /proc/stat counts in
+# 10 ms ticks per CPU, so reading it more often gains nothing.
+CPU_SAMPLE_INTERVAL = 0.01
 
 
 def host_command(busybox: str, command: str) -> str:
@@ -36,6 +40,27 @@ def file_write_command(busybox: str, path: str) -> str:
 
 def pipe_command(busybox: str) -> str:
     return f"{host_command(busybox, PRODUCE)} | cat > /dev/null"
+
+
+@dataclass
+class CpuSplit:
+    """Where the CPU time of followed runs goes, in seconds per run, POST to the last byte."""
+
+    window: Samples = field(default_factory=Samples)  # wall seconds to the last follower's byte
+    machine: Samples = field(default_factory=Samples)  # busy seconds of all CPUs together
+    followers: Samples = field(default_factory=Samples)  # the follower processes together
+    server: Samples = field(default_factory=Samples)
+    job: Samples = field(default_factory=Samples)  # the job's cgroup
+    # The machine's busy time less the above: the supervisor, kernel threads, this harness.
+    rest: Samples = field(default_factory=Samples)
+    # System time of the server and the followers together: their share in the kernel.
+    delivery_system: Samples = field(default_factory=Samples)
+
+    def add(self, split: dict[str, float]) -> None:
+        self.delivery_system.add(split["server_system"] + split["followers_system"])
+        for name in ("window", "machine", "followers", "server", "job"):
+            getattr(self, name).add(split[name])
+        self.rest.add(split["machine"] - split["followers"] - split["server"] - split["job"])
 
 
 @dataclass
@@ -60,6 +85,8 @@ class OutputResults:
     # CPU seconds the server process spends per GiB delivered to one follower.
     one_server_cpu: Samples = field(default_factory=Samples)
     many_server_cpu: Samples = field(default_factory=Samples)
+    one_cpu: CpuSplit = field(default_factory=CpuSplit)
+    many_cpu: CpuSplit = field(default_factory=CpuSplit)
     errors: list[str] = field(default_factory=list)
     file_path: str = ""
     head_pipe: float | None = None  # busybox head piped to cat on the host, seconds
@@ -113,12 +140,57 @@ def job_seconds(job: dict[str, Any]) -> float | None:
     return (ended - started).total_seconds()
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """Return the user + system CPU time of process ``pid`` itself, children not included."""
+def machine_busy_seconds() -> float:
+    """Return the CPU seconds all CPUs together have been busy since boot.
+
+    Busy is user, nice, system, irq and softirq time: not idle, I/O wait or time stolen by
+    the hypervisor.
+    """
+    with open("/proc/stat", encoding="ascii") as file:
+        fields = [int(value) for value in file.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class BusySampler:
+    """Read the machine's busy CPU time every CPU_SAMPLE_INTERVAL in a thread."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), machine_busy_seconds()))
+            if self._stop.wait(CPU_SAMPLE_INTERVAL):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, start: float, end: float) -> float:
+        """Return the busy CPU seconds from the last sample at or before ``start`` to the first
+        sample at or after ``end``."""
+        before = [busy for moment, busy in self.samples if moment <= start]
+        after = [busy for moment, busy in self.samples if moment >= end]
+        first = before[-1] if before else self.samples[0][1]
+        last = after[0] if after else self.samples[-1][1]
+        return last - first
+
+
+def process_cpu_seconds(pid: int, system_only: bool = False) -> float:
+    """Return the CPU time of process ``pid`` itself, children not included.
+
+    That is user and system time, or only system time with ``system_only``.
+    """
     with open(f"/proc/{pid}/stat", "rb") as file:
         stat = file.read()
     fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]), int(fields[12])
+    return (system if system_only else user + system) / os.sysconf("SC_CLK_TCK")
 
 
 def stream_once(
@@ -126,12 +198,16 @@ def stream_once(
 ) -> list[dict[str, Any]] | None:
     """Run a 1 GiB job with ``count`` followers; return their reports, timed from the POST."""
     followers = Followers(api.port, api.token, count)
+    sampler = BusySampler()
     cpu_before = process_cpu_seconds(server_pid)
+    system_before = process_cpu_seconds(server_pid, system_only=True)
     posted = time.monotonic()
     job = api.submit({"command": command, "output_cap": OUTPUT_CAP, "name": "bench-output"})
     followers.start(job["id"])
     reports = followers.results()
     server_cpu = process_cpu_seconds(server_pid) - cpu_before
+    server_system = process_cpu_seconds(server_pid, system_only=True) - system_before
+    sampler.stop()
     _status, record = api.request("GET", f"jobs/{job['id']}")
     api.delete(job["id"])
     for report in reports:
@@ -145,6 +221,16 @@ def stream_once(
         report["to_end"] = report["ended"] - posted
         report["job_seconds"] = job_seconds(record)
         report["server_cpu_per_gib"] = server_cpu / count
+    last_byte = max(report["last"] for report in reports)
+    reports[0]["split"] = {
+        "window": last_byte - posted,
+        "machine": sampler.between(posted, last_byte),
+        "followers": sum(report["cpu"] for report in reports),
+        "followers_system": sum(report["cpu_system"] for report in reports),
+        "server": server_cpu,
+        "server_system": server_system,
+        "job": record.get("usage", {}).get("cpu_seconds") or 0.0,
+    }
     return reports
 
 
@@ -205,6 +291,7 @@ def run(
             if reports[0]["job_seconds"] is not None:
                 results.one_follower_job.add(reports[0]["job_seconds"])
             results.one_server_cpu.add(reports[0]["server_cpu_per_gib"])
+            results.one_cpu.add(reports[0]["split"])
         if index < many_runs:
             os.sync()
             reports = stream_once(api, JOB_COMMAND, followers, results, server_pid)
@@ -216,6 +303,7 @@ def run(
                 if reports[0]["job_seconds"] is not None:
                     results.many_job.add(reports[0]["job_seconds"])
                 results.many_server_cpu.add(reports[0]["server_cpu_per_gib"])
+                results.many_cpu.add(reports[0]["split"])
         if plain is not None:
             plain_api, plain_pid = plain
             os.sync()

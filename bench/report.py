@@ -28,6 +28,8 @@ STOP_ON_TERM_MS = 50.0
 STOP_IGNORED_EXTRA_MS = 100.0
 # A p90 over this many times the p10 gets a note in the output section.
 WIDE_SPREAD = 2.5
+# A busy share of all CPUs from which a run counts as bound by CPU time, not by waiting.
+CPU_BOUND_SHARE = 0.9
 
 
 @dataclass
@@ -428,21 +430,84 @@ def _output_limits(results: output_bench.OutputResults) -> list[str]:
             "p10 row above compares the fast runs of each path.\n"
         )
     pipe_share = results.file_write.p(50) / results.pipe.p(50)
-    text = (
+    lines.append(
         "What bounds these figures: a job's output crosses a pipe on its way to the log, as "
         "the command's stdout must be a pipe for the output cap and for the stderr ranges. In "
         f"this run the plain pipe alone reaches {pipe_share:.2f} of the file-write rate, and "
         "one follower gets "
-        f"{results.pipe.p(50) / results.one_follower.p(50):.2f} times the plain pipe's rate."
+        f"{results.pipe.p(50) / results.one_follower.p(50):.2f} times the plain pipe's rate.\n"
     )
-    if results.many_server_cpu.count and results.many_slowest.count:
-        server_cpu = results.many_server_cpu.p(50) * results.followers
-        text += (
-            f" With {results.followers} followers, {results.followers} GiB leave the server, "
-            f"which costs its one thread {server_cpu:.1f} s of CPU, while the follower "
-            f"processes and the job share the machine's {os.cpu_count()} CPUs with it."
+    return lines + _cpu_lines(results)
+
+
+def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
+    """Return where the CPU time of the followed runs went, and the bounds that follow."""
+    cpus = os.cpu_count() or 1
+    splits = [
+        (f"{count} follower{'s' if count > 1 else ''}", split)
+        for count, split in ((1, results.one_cpu), (results.followers, results.many_cpu))
+        if split.window.count
+    ]
+    if not splits:
+        return []
+    rows = [
+        (
+            label,
+            f"{split.window.p(50):.2f}",
+            f"{split.job.p(50):.2f}",
+            f"{split.rest.p(50):.2f}",
+            f"{split.server.p(50):.2f}",
+            f"{split.followers.p(50):.2f}",
+            f"{split.machine.p(50):.2f}",
+            f"{split.machine.p(50) / (cpus * split.window.p(50)):.0%}",
         )
-    return [*lines, text + "\n"]
+        for label, split in splits
+    ]
+    header = (
+        "run",
+        "POST to the last byte, s",
+        "job (its cgroup)",
+        "rest: supervisor, kernel threads, harness",
+        "server",
+        "followers",
+        "all CPUs",
+        f"busy share of the {cpus} CPUs",
+    )
+    lines = [
+        "CPU seconds of each followed run, from the `POST` to the last follower's last byte "
+        "(medians of each column, so a row's parts need not add up to its total). The machine's "
+        "busy time comes from /proc/stat, the followers report their own, and the rest is the "
+        "machine's busy time less the other columns.\n",
+        table(header, rows) + "\n",
+    ]
+
+    one, many = results.one_cpu, results.many_cpu
+    text = []
+    if one.window.count and results.file_write.count:
+        busy = one.machine.p(50) / (cpus * one.window.p(50))
+        target = results.file_write.p(50) / FOLLOWER_SHARE_OF_FILE_WRITE
+        text.append(f"With one follower the CPUs are {busy:.0%} busy")
+        if busy >= CPU_BOUND_SHARE:
+            text[-1] += ", so the time drops only when work goes away"
+        text[-1] += (
+            f". Half the file-write rate means {target:.2f} s here, at most "
+            f"{cpus * target:.2f} s of CPU on {cpus} CPUs; the run takes "
+            f"{one.machine.p(50):.2f} s, {one.followers.p(50) + one.server.p(50):.2f} s of it "
+            "in the follower and the server."
+        )
+    if many.window.count and results.one_follower.count:
+        delivery = many.server.p(50) + many.followers.p(50)
+        floor = delivery / cpus
+        text.append(
+            f"With {results.followers} followers, the server and the follower processes take "
+            f"{delivery:.2f} s of CPU, {many.delivery_system.p(50) / delivery:.0%} of it "
+            f"system time: on {cpus} CPUs that needs at least {floor:.2f} s even if the job "
+            f"cost nothing, {floor / results.one_follower.p(50):.1f}x the one-follower time "
+            f"(the target is {MANY_FOLLOWERS_FACTOR:g}x)."
+        )
+    if text:
+        lines.append(" ".join(text) + "\n")
+    return lines
 
 
 def _scale_section(run: Run, lines: list[str]) -> None:
