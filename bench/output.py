@@ -51,7 +51,8 @@ class CpuSplit:
     followers: Samples = field(default_factory=Samples)  # the follower processes together
     server: Samples = field(default_factory=Samples)
     job: Samples = field(default_factory=Samples)  # the job's cgroup
-    # The machine's busy time less the above: the supervisor, kernel threads, this harness.
+    # The machine's busy time less the above: the supervisor, interrupt handling, kernel
+    # threads, this harness.
     rest: Samples = field(default_factory=Samples)
     # System time of the server and the followers together: their share in the kernel.
     delivery_system: Samples = field(default_factory=Samples)

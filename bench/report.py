@@ -467,7 +467,7 @@ def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
         "run",
         "POST to the last byte, s",
         "job (its cgroup)",
-        "rest: supervisor, kernel threads, harness",
+        "rest: supervisor, interrupts, kernel threads, harness",
         "server",
         "followers",
         "all CPUs",
@@ -495,6 +495,9 @@ def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
             f"{one.machine.p(50):.2f} s, {one.followers.p(50) + one.server.p(50):.2f} s of it "
             "in the follower and the server."
         )
+        excess = one.machine.p(50) - cpus * target
+        if excess > 0:
+            text[-1] += f" Meeting the target takes {excess:.2f} s of CPU out of this path."
     if many.window.count and results.one_follower.count:
         delivery = many.server.p(50) + many.followers.p(50)
         floor = delivery / cpus
