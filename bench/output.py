@@ -173,8 +173,7 @@ class BusySampler:
         self._thread.join()
 
     def between(self, start: float, end: float) -> float:
-        """Return the busy CPU seconds from the last sample at or before ``start`` to the first
-        sample at or after ``end``."""
+        """Return the busy CPU seconds from ``start`` to ``end``, widened to the nearest samples."""
         before = [busy for moment, busy in self.samples if moment <= start]
         after = [busy for moment, busy in self.samples if moment >= end]
         first = before[-1] if before else self.samples[0][1]

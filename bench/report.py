@@ -477,7 +477,8 @@ def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
         "CPU seconds of each followed run, from the `POST` to the last follower's last byte "
         "(medians of each column, so a row's parts need not add up to its total). The machine's "
         "busy time comes from /proc/stat, the followers report their own, and the rest is the "
-        "machine's busy time less the other columns.\n",
+        "machine's busy time less the other columns. The job's and the server's figures run a "
+        "little longer, to the end of the job and of the responses.\n",
         table(header, rows) + "\n",
     ]
 
