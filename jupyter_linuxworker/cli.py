@@ -42,9 +42,20 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _add_server_options(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
-    parser.add_argument("--url", help="the Jupyter server's URL (default: found automatically)")
-    parser.add_argument("--token", help="a token the server accepts (default: found with the URL)")
+def _add_server_options(
+    parser: argparse.ArgumentParser, json_output: bool = True, top_level: bool = False
+) -> None:
+    # Accepted before and after the command. After it they have no default of their own, so
+    # that a value given before the command is kept.
+    default = None if top_level else argparse.SUPPRESS
+    parser.add_argument(
+        "--url", default=default, help="the Jupyter server's URL (default: found automatically)"
+    )
+    parser.add_argument(
+        "--token",
+        default=default,
+        help="a token the server accepts (default: found with the URL)",
+    )
     if json_output:
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -64,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--state-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="WARNING", help="log level (default: %(default)s)")
+    _add_server_options(parser, json_output=False, top_level=True)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser(
@@ -153,6 +165,14 @@ def _client(options: argparse.Namespace) -> Client:
 
 
 def _dispatch(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
+    images_command = getattr(options, "images_command", None)
+    local = options.command in ("run", "demo") or images_command
+    if local and (options.url or options.token):
+        name = f"images {images_command}" if images_command else options.command
+        parser.error(
+            f"{name}: --url and --token are for the commands that call a server; "
+            f"{name} uses the engine on this machine, so leave them out"
+        )
     if options.command in ("run", "submit"):
         command = command_from_words(options.words)
         if not command:

@@ -107,6 +107,27 @@ def test_unreachable_server(server: ServerProcess) -> None:
     assert result.stderr.startswith(b"jupyter linuxworker: cannot reach the Jupyter server at ")
 
 
+def test_server_options_before_command(server: ServerProcess) -> None:
+    base = [*CLI, "--url", server.url, "--token", "alice-token"]
+    before = subprocess.run([*base, "images"], capture_output=True, timeout=30, check=False)
+    assert before.returncode == 0, before.stderr
+    assert before.stdout.startswith(b"default\t")
+
+    # The token after the command wins over the one before it.
+    both = subprocess.run(
+        [*base, "images", "--token", "wrong"], capture_output=True, timeout=30, check=False
+    )
+    assert both.returncode == 5
+    assert b"HTTP 403" in both.stderr
+
+    local = subprocess.run([*base, "run", "--", "true"], capture_output=True, timeout=30)
+    assert local.returncode == 2
+    assert local.stderr.endswith(
+        b"error: run: --url and --token are for the commands that call a server; "
+        b"run uses the engine on this machine, so leave them out\n"
+    )
+
+
 def test_images(server: ServerProcess) -> None:
     result = cli(server, "images")
     assert result.returncode == 0
