@@ -262,9 +262,14 @@ class StopHandler(LinuxWorkerHandler):
         job_id = self.get_job(job_id).id
         # No body means no options; a JSON null is a wrong body, as the API document says.
         body = self.json_body(empty={})
-        if not isinstance(body, dict) or set(body) - {"grace"}:
+        if not isinstance(body, dict):
             raise web.HTTPError(
                 400, f'invalid body {json.dumps(body)}: expected {{}} or {{"grace": seconds}}'
+            )
+        unknown = sorted(set(body) - {"grace"})
+        if unknown:
+            raise InvalidArgument(
+                unknown[0], body[unknown[0]], "unknown field; known fields: grace"
             )
         grace = body.get("grace")
         if grace is not None and (

@@ -242,12 +242,17 @@ def test_stop_and_delete(server: ServerProcess) -> None:
     assert request("POST", url + "/stop", ALICE, {})[1] == stopped
     path = f"jobs/{job['id']}/stop"
     assert raw_post(server, path, b"")[0] == 200
-    for body in (b"null", b"[]", b'{"signal": 9}'):
+    for body in (b"null", b"[]"):
         status, raw = raw_post(server, path, body)
         assert status == 400
         assert json.loads(raw)["message"] == (
             f'invalid body {body.decode()}: expected {{}} or {{"grace": seconds}}'
         )
+    status, raw = raw_post(server, path, b'{"grace": 1, "signal": 9}')
+    assert status == 400
+    error = json.loads(raw)
+    assert error["message"] == "signal: invalid value 9: unknown field; known fields: grace"
+    assert error["field"] == "signal"
 
     assert request("DELETE", url, ALICE) == (204, b"")
     assert request("GET", url, ALICE)[0] == 404
