@@ -90,6 +90,12 @@ async def test_follow_from_offset(manager: JobManager) -> None:
     assert b"".join([c async for c in manager.follow(job.id, offset=10)]) == b""
     assert manager.read_output(job.id, offset=2, size=3) == b"234"
 
+    # Offsets up to the largest file offset read nothing, as any offset past the end does.
+    for offset in (2**63 - 2, 2**63 - 1):
+        assert [c async for c in manager.follow(job.id, offset=offset)] == []
+        assert [p async for p in manager.follow_streams(job.id, offset=offset)] == []
+        assert manager.read_output(job.id, offset=offset, size=1024) == b""
+
 
 async def test_stderr_ranges_in_arrival_order(manager: JobManager) -> None:
     job = await manager.submit(

@@ -157,8 +157,9 @@ def read_log(job_dir: str, offset: int = 0, size: int = -1) -> bytes:
     except FileNotFoundError:
         return b""
     try:
-        if size < 0:
-            size = max(0, os.fstat(fd).st_size - offset)
+        # Never past the end: pread rejects an offset plus size beyond the largest file offset.
+        available = max(0, os.fstat(fd).st_size - offset)
+        size = available if size < 0 else min(size, available)
         chunks = []
         while size > 0:
             chunk = os.pread(fd, min(size, PIPE_CHUNK * 4), offset)
