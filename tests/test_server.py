@@ -242,6 +242,7 @@ def test_stop_and_delete(server: ServerProcess) -> None:
     assert request("POST", url + "/stop", ALICE, {})[1] == stopped
     path = f"jobs/{job['id']}/stop"
     assert raw_post(server, path, b"")[0] == 200
+    assert raw_post(server, path, b'{"grace": null}')[0] == 200
     for body in (b"null", b"[]"):
         status, raw = raw_post(server, path, body)
         assert status == 400
