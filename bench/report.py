@@ -16,6 +16,8 @@ from common import GIB, MB, LoadWindow, Samples, ms, table, verdict
 from peers import bwrap_argv, unshare_argv
 from start import COMMAND, ENGINE, ENGINE_EXEC, ENGINE_FORK, PEER_COMMAND, StartResults
 
+from jupyter_linuxworker.sandbox.container import PIPE_SIZE
+
 # The project's targets.
 START_BWRAP_FACTOR = 1.5
 REST_OVERHEAD_MS = 3.0
@@ -28,6 +30,8 @@ STOP_ON_TERM_MS = 50.0
 STOP_IGNORED_EXTRA_MS = 100.0
 # A p90 over this many times the p10 gets a note in the output section.
 WIDE_SPREAD = 2.5
+# Fewer runs of each output path than this get a note that their medians are not stable.
+FEW_RUNS = 5
 # A busy share of all CPUs from which a run counts as bound by CPU time, not by waiting.
 CPU_BOUND_SHARE = 0.9
 
@@ -230,8 +234,9 @@ def _output_section(run: Run, lines: list[str]) -> None:
         lines.append(f"Not measured: {run.errors.get('output', 'skipped')}\n")
         return
     lines.append(
-        f"{results.runs} runs of the file write, the pipe, the job with no follower and with "
-        f"one, and {results.many_runs} runs with {results.followers} followers, alternating, "
+        f"{_count(results.runs, 'run')} of the file write, the pipe, the job with no follower "
+        f"and with one, and {_count(results.many_runs, 'run')} with {results.followers} "
+        "followers, alternating, "
         "each after a `sync`. A follower's time runs from the `POST jobs` to the last of the "
         "1073741824 bytes it receives; every follower must receive every byte. MB/s are 10^6 "
         "bytes per second, at the median time.\n"
@@ -367,7 +372,7 @@ def _output_section(run: Run, lines: list[str]) -> None:
         run.targets.append(
             (
                 "output: 1 follower at least half the file-write rate",
-                f"{share:.2f} of it",
+                f"{share:.2f} times its rate",
                 verdict(share >= FOLLOWER_SHARE_OF_FILE_WRITE),
             )
         )
@@ -429,15 +434,26 @@ def _output_limits(results: output_bench.OutputResults) -> list[str]:
             "side, and the verdicts of the two output targets can change from run to run. The "
             "p10 row above compares the fast runs of each path.\n"
         )
+    if results.runs < FEW_RUNS:
+        lines.append(
+            f"With {_count(results.runs, 'run')} of each path, one slow page-cache allocation "
+            "can decide a median: compare figures from the default run counts.\n"
+        )
     pipe_share = results.file_write.p(50) / results.pipe.p(50)
     lines.append(
-        "What bounds these figures: a job's output crosses a pipe on its way to the log, as "
-        "the command's stdout must be a pipe for the output cap and for the stderr ranges. In "
-        f"this run the plain pipe alone reaches {pipe_share:.2f} of the file-write rate, and "
-        "one follower gets "
-        f"{results.pipe.p(50) / results.one_follower.p(50):.2f} times the plain pipe's rate.\n"
+        "A job's output crosses a pipe on its way to the log, since the output cap and the "
+        "stderr ranges need one. The plain pipe above has the kernel's default 64 KiB buffer, "
+        f"while the engine gives the job's pipe {PIPE_SIZE // 1024**2} MiB. In this run one "
+        "follower gets "
+        f"{results.pipe.p(50) / results.one_follower.p(50):.2f} times the plain pipe's rate, "
+        f"and the plain pipe reaches {pipe_share:.2f} times the file-write rate.\n"
     )
     return lines + _cpu_lines(results)
+
+
+def _count(number: int, noun: str) -> str:
+    """Return ``number`` with ``noun``, plural unless the number is 1."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
@@ -489,16 +505,18 @@ def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
         target = results.file_write.p(50) / FOLLOWER_SHARE_OF_FILE_WRITE
         text.append(f"With one follower the CPUs are {busy:.0%} busy")
         if busy >= CPU_BOUND_SHARE:
-            text[-1] += ", so the time drops only when work goes away"
+            text[-1] += ", so only less CPU work, not less waiting, can shorten the run"
         text[-1] += (
-            f". Half the file-write rate means {target:.2f} s here, at most "
-            f"{cpus * target:.2f} s of CPU on {cpus} CPUs; the run takes "
-            f"{one.machine.p(50):.2f} s, {one.followers.p(50) + one.server.p(50):.2f} s of it "
-            "in the follower and the server."
+            f". It uses {one.machine.p(50):.2f} s of CPU, "
+            f"{one.followers.p(50) + one.server.p(50):.2f} s of it in the follower and the server."
         )
         excess = one.machine.p(50) - cpus * target
         if excess > 0:
-            text[-1] += f" Meeting the target takes {excess:.2f} s of CPU out of this path."
+            text[-1] += (
+                f" Half the file-write rate means {target:.2f} s here, at most "
+                f"{cpus * target:.2f} s of CPU on {cpus} CPUs, so meeting the target takes "
+                f"{excess:.2f} s of CPU out of this path."
+            )
     if many.window.count and results.one_follower.count:
         delivery = many.server.p(50) + many.followers.p(50)
         floor = delivery / cpus
@@ -627,8 +645,8 @@ def _stop_section(run: Run, lines: list[str]) -> None:
         return
     lines.append(_section_load(run, "stop") + "\n")
     lines.append(
-        f"{results.runs} runs of each kind, alternating. Each job prints `ready` from its "
-        "command; once the manager has followed that byte, `await manager.stop(id, grace=...)` "
+        f"{_count(results.runs, 'run')} of each kind, alternating. Each job prints `ready` from "
+        "its command; once the manager has followed that byte, `await manager.stop(id, grace=...)` "
         "is timed until it returns the STOPPED record.\n"
     )
     rows = [
