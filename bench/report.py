@@ -540,16 +540,18 @@ def _scale_section(run: Run, lines: list[str]) -> None:
         return
     lines.append(_section_load(run, "scale") + "\n")
 
-    rate_per_second = results.jobs / results.all_running_seconds
+    rate_per_second = results.start_rates.p(50)
     per_job = results.pss_mean + results.shared_pss / results.jobs
     supervisor_cpu = statistics.fmean(results.supervisor_cpu.values or [math.nan])
     job_cpu = statistics.fmean(results.job_cpu.values or [math.nan])
     rows = [
         (
-            f"{results.jobs} jobs submitted in-process, first submit to the last RUNNING",
-            f"{results.all_running_seconds:.2f} s = **{rate_per_second:.0f} starts/s** "
-            f"(the submit calls alone: {results.submit_seconds:.2f} s, "
-            f"{ms(results.submit_seconds / results.jobs)} ms each)",
+            f"{results.jobs} jobs submitted in-process, first submit to the last RUNNING, in "
+            f"{_count(results.start_rates.count, 'burst')}",
+            f"median **{rate_per_second:.0f} starts/s** (each burst: "
+            f"{', '.join(f'{rate:.0f}' for rate in results.start_rates.values)}); the last "
+            f"burst took {results.all_running_seconds:.2f} s, the submit calls alone "
+            f"{results.submit_seconds:.2f} s, {ms(results.submit_seconds / results.jobs)} ms each",
         ),
         (
             "CPU time of one job's start: its supervisor / its cgroup (PID 1 and `sleep`); "
@@ -627,13 +629,14 @@ def _scale_section(run: Run, lines: list[str]) -> None:
     ]
     lines.append(
         'Commands: after a `sync`, `manager.submit({"command": "sleep 600"}, owner="alice")` '
-        f"{results.jobs} times in a row; the rate takes the latest `started_at` (written by each "
-        "supervisor when the job turns RUNNING). PSS is read from /proc/PID/smaps_rollup of "
-        "each supervisor, of the fork server, and of the prepared supervisors and their PID 1 "
-        "that wait for the next job. Then the manager is closed, a server on the same state "
-        "folder adopts the jobs, and GETs go to random ones of them as alice. At the end the "
-        "server stops, and a new manager stops all jobs and checks for running records, job "
-        "cgroups and supervisor processes.\n"
+        f"{results.jobs} times in a row, in {scale_bench.START_BURSTS} bursts; the rate takes "
+        "the latest `started_at` (written by each supervisor when the job turns RUNNING). The "
+        "jobs of each burst but the last are stopped and deleted before the next. PSS is read "
+        "from /proc/PID/smaps_rollup of each supervisor, of the fork server, and of the "
+        "prepared supervisors and their PID 1 that wait for the next job. Then the manager is "
+        "closed, a server on the same state folder adopts the jobs, and GETs go to random ones "
+        "of them as alice. At the end the server stops, and a new manager stops all jobs and "
+        "checks for running records, job cgroups and supervisor processes.\n"
     )
 
 
