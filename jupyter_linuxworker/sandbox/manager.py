@@ -171,6 +171,9 @@ class JobManager:
                 "options; choose another path"
             )
         self._store = JobStore(os.path.join(self.state_dir, DATABASE_NAME))
+        # TODO: the parent folders stay after the manager closes, even when no job is left in
+        # them, so each server cgroup keeps an empty jupyter-linuxworker folder. Removing it on
+        # close needs job cgroup creation to recreate a parent that another manager removed.
         self.cgroups.ensure_parents(_host_totals())
         try:
             self.images.ensure_default(DEFAULT_IMAGE_NAME)
