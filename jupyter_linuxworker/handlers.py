@@ -162,7 +162,9 @@ def _request_token(header: str) -> str:
 def _int_argument(
     handler: web.RequestHandler, name: str, default: int, minimum: int = 0, maximum: int = MAX_INT
 ) -> int:
-    text = handler.get_argument(name, None)
+    # strip=False: tornado turns control characters into spaces and would strip them, and
+    # the API document allows digits only.
+    text = handler.get_argument(name, None, strip=False)
     if text is None:
         return default
     if not DIGITS.fullmatch(text) or not minimum <= int(text) <= maximum:
@@ -171,7 +173,7 @@ def _int_argument(
 
 
 def _choice_argument(handler: web.RequestHandler, name: str, choices: tuple[str, ...]) -> str:
-    value = handler.get_argument(name, choices[0])
+    value = handler.get_argument(name, choices[0], strip=False)
     if value not in choices:
         expected = " or ".join(repr(choice) for choice in choices)
         raise InvalidArgument(name, value, f"expected {expected}")
@@ -186,14 +188,14 @@ class JobsHandler(LinuxWorkerHandler):
     async def get(self) -> None:
         """List the user's jobs, newest first, ``limit`` at a time after ``cursor``."""
         statuses = []
-        for name in self.get_arguments("status"):
+        for name in self.get_arguments("status", strip=False):
             try:
                 statuses.append(JobStatus(name))
             except ValueError:
                 allowed = ", ".join(status.value for status in JobStatus)
                 raise InvalidArgument("status", name, f"expected one of {allowed}") from None
         limit = _int_argument(self, "limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=MAX_PAGE_SIZE)
-        cursor = self.get_argument("cursor", None)
+        cursor = self.get_argument("cursor", None, strip=False)
         before = None if cursor is None else _int_argument(self, "cursor", 0, minimum=1)
         owner = None if self.is_admin else self.owner
         records = self.app.manager.list(
