@@ -44,17 +44,17 @@ def pipe_command(busybox: str) -> str:
 
 @dataclass
 class CpuSplit:
-    """Where the CPU time of followed runs goes, in seconds per run, POST to the last byte."""
+    """CPU seconds of followed runs by part, one sample per run, from the POST to the last byte."""
 
     window: Samples = field(default_factory=Samples)  # wall seconds to the last follower's byte
     machine: Samples = field(default_factory=Samples)  # busy seconds of all CPUs together
     followers: Samples = field(default_factory=Samples)  # the follower processes together
     server: Samples = field(default_factory=Samples)
     job: Samples = field(default_factory=Samples)  # the job's cgroup
-    # The machine's busy time less the above: the supervisor, interrupt handling, kernel
-    # threads, this harness.
+    # The machine's busy time less the above, which is the supervisor, interrupt handling,
+    # kernel threads and this harness.
     rest: Samples = field(default_factory=Samples)
-    # System time of the server and the followers together: their share in the kernel.
+    # System time of the server and the followers together, the part they spend in the kernel.
     delivery_system: Samples = field(default_factory=Samples)
 
     def add(self, split: dict[str, float]) -> None:
@@ -144,8 +144,8 @@ def job_seconds(job: dict[str, Any]) -> float | None:
 def machine_busy_seconds() -> float:
     """Return the CPU seconds all CPUs together have been busy since boot.
 
-    Busy is user, nice, system, irq and softirq time: not idle, I/O wait or time stolen by
-    the hypervisor.
+    Busy time is user, nice, system, irq and softirq time. Idle time, I/O wait and time stolen
+    by the hypervisor are left out.
     """
     with open("/proc/stat", encoding="ascii") as file:
         fields = [int(value) for value in file.readline().split()[1:8]]

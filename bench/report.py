@@ -457,7 +457,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
-    """Return where the CPU time of the followed runs went, and the bounds that follow."""
+    """Return the CPU split of the followed runs and the bounds it sets."""
     cpus = os.cpu_count() or 1
     splits = [
         (f"{count} follower{'s' if count > 1 else ''}", split)
@@ -498,31 +498,32 @@ def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
         table(header, rows) + "\n",
     ]
 
-    one, many = results.one_cpu, results.many_cpu
+    single, several = results.one_cpu, results.many_cpu
     text = []
-    if one.window.count and results.file_write.count:
-        busy = one.machine.p(50) / (cpus * one.window.p(50))
+    if single.window.count and results.file_write.count:
+        busy = single.machine.p(50) / (cpus * single.window.p(50))
         target = results.file_write.p(50) / FOLLOWER_SHARE_OF_FILE_WRITE
         text.append(f"With one follower the CPUs are {busy:.0%} busy")
         if busy >= CPU_BOUND_SHARE:
             text[-1] += ", so only less CPU work, not less waiting, can shorten the run"
         text[-1] += (
-            f". It uses {one.machine.p(50):.2f} s of CPU, "
-            f"{one.followers.p(50) + one.server.p(50):.2f} s of it in the follower and the server."
+            f". It uses {single.machine.p(50):.2f} s of CPU, "
+            f"{single.followers.p(50) + single.server.p(50):.2f} s of it in the follower and "
+            "the server."
         )
-        excess = one.machine.p(50) - cpus * target
+        excess = single.machine.p(50) - cpus * target
         if excess > 0:
             text[-1] += (
                 f" Half the file-write rate means {target:.2f} s here, at most "
                 f"{cpus * target:.2f} s of CPU on {cpus} CPUs, so meeting the target takes "
                 f"{excess:.2f} s of CPU out of this path."
             )
-    if many.window.count and results.one_follower.count:
-        delivery = many.server.p(50) + many.followers.p(50)
+    if several.window.count and results.one_follower.count:
+        delivery = several.server.p(50) + several.followers.p(50)
         floor = delivery / cpus
         text.append(
             f"With {results.followers} followers, the server and the follower processes take "
-            f"{delivery:.2f} s of CPU, {many.delivery_system.p(50) / delivery:.0%} of it "
+            f"{delivery:.2f} s of CPU, {several.delivery_system.p(50) / delivery:.0%} of it "
             f"system time: on {cpus} CPUs that needs at least {floor:.2f} s even if the job "
             f"cost nothing, {floor / results.one_follower.p(50):.1f}x the one-follower time "
             f"(the target is {MANY_FOLLOWERS_FACTOR:g}x)."

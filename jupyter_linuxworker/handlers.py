@@ -145,7 +145,7 @@ class LinuxWorkerHandler(ExtensionHandlerMixin, APIHandler):
         super().log_exception(typ, value, tb)
 
     def json_body(self, empty: Any = None) -> Any:
-        """Return the request's JSON body, or ``empty`` without one; 400 when it is not JSON."""
+        """Return the request's JSON body, or ``empty`` without one. Raise 400 if it is not JSON."""
         if not self.request.body:
             return empty
         try:
@@ -262,7 +262,8 @@ class StopHandler(LinuxWorkerHandler):
     async def post(self, job_id: str) -> None:
         """Stop the job (SIGTERM, then SIGKILL after ``grace`` seconds); return it once ended."""
         job_id = self.get_job(job_id).id
-        # No body means no options; a JSON null is a wrong body, as the API document says.
+        # An empty body means no options. A JSON null is invalid, because the API document
+        # requires an object.
         body = self.json_body(empty={})
         if not isinstance(body, dict):
             raise web.HTTPError(

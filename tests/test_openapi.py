@@ -146,7 +146,7 @@ def use_known_job(path_parameters: dict[str, Any], pool: list[str]) -> None:
 def drop_framing_headers(case: schemathesis.Case) -> None:
     """Remove generated headers that frame the HTTP message, which the HTTP client owns.
 
-    Tornado answers 400 to a bad Transfer-Encoding before any handler of the API runs, so such
+    Tornado returns 400 for a bad Transfer-Encoding before any handler of the API runs, so such
     a case tests the HTTP server, not the document.
     """
     for name in list(case.headers or {}):

@@ -154,7 +154,7 @@ def test_bad_field_is_400_and_stores_nothing(server: ServerProcess) -> None:
 
 
 def raw_post(server: ServerProcess, path: str, body: bytes) -> tuple[int, bytes]:
-    """POST ``body`` unchanged to ``path`` below the API as Alice; return status and body."""
+    """POST ``body`` unchanged to ``path`` below the API as Alice. Return status and raw body."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
         connection.request(
@@ -408,7 +408,7 @@ def test_pagination_two_hundred_jobs(server: ServerProcess) -> None:
     assert isinstance(completed, dict)
     assert [job["status"] for job in completed["jobs"]] == ["COMPLETED"] * 5
 
-    # Tornado turns a control character into a space; the value is then invalid, not trimmed.
+    # Tornado turns a control character into a space, so the value is invalid, not trimmed.
     for query, field in (("cursor=14%15", "cursor"), ("limit=%205", "limit")):
         status, error = request("GET", f"{server.api}jobs?{query}", BOB)
         assert status == 400

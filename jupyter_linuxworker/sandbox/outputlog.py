@@ -157,7 +157,7 @@ def read_log(job_dir: str, offset: int = 0, size: int = -1) -> bytes:
     except FileNotFoundError:
         return b""
     try:
-        # Never past the end: pread rejects an offset plus size beyond the largest file offset.
+        # Stop at the end, because pread rejects an offset plus size past the largest file offset.
         available = max(0, os.fstat(fd).st_size - offset)
         size = available if size < 0 else min(size, available)
         chunks = []
