@@ -544,6 +544,16 @@ def cgroup2_mount() -> str | None:
     return None
 
 
+def writable_cgroup2_mount() -> str:
+    """Return the mount point of a writable cgroup2 hierarchy, or skip the test."""
+    mount = cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 hierarchy is mounted")
+    if os.statvfs(mount).f_flag & os.ST_RDONLY:
+        pytest.skip(f"the cgroup2 hierarchy at {mount} is read-only")
+    return mount
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
@@ -626,11 +636,7 @@ def real_job() -> Iterator[RealJob]:
     """
     if os.geteuid() != 0:
         pytest.skip("creating cgroups needs root")
-    mount = cgroup2_mount()
-    if mount is None:
-        pytest.skip("no cgroup2 hierarchy is mounted")
-    if os.statvfs(mount).f_flag & os.ST_RDONLY:
-        pytest.skip(f"the cgroup2 hierarchy at {mount} is read-only")
+    mount = writable_cgroup2_mount()
 
     path = os.path.join(mount, f"{TEST_FOLDER_PREFIX}{uuid.uuid4().hex}")
     job = RealJob(path)
@@ -834,11 +840,7 @@ async def test_real_v2_job_through_manager(tmp_path: Path) -> None:
     """A prepared supervisor on cgroup v2 moves PID 1 into the job's cgroup when it starts."""
     if os.geteuid() != 0:
         pytest.skip("jobs need root")
-    mount = cgroup2_mount()
-    if mount is None:
-        pytest.skip("no cgroup2 hierarchy is mounted")
-    if os.statvfs(mount).f_flag & os.ST_RDONLY:
-        pytest.skip(f"the cgroup2 hierarchy at {mount} is read-only")
+    mount = writable_cgroup2_mount()
     own = own_v2_cgroup(mount)
     parent = os.path.join(own, PARENT_NAME)
     parent_existed = os.path.isdir(parent)
