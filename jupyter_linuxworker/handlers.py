@@ -195,8 +195,8 @@ class JobsHandler(LinuxWorkerHandler):
                 allowed = ", ".join(status.value for status in JobStatus)
                 raise InvalidArgument("status", name, f"expected one of {allowed}") from None
         limit = _int_argument(self, "limit", DEFAULT_PAGE_SIZE, minimum=1, maximum=MAX_PAGE_SIZE)
-        cursor = self.get_argument("cursor", None, strip=False)
-        before = None if cursor is None else _int_argument(self, "cursor", 0, minimum=1)
+        # No cursor reads as 0, which a request cannot send: cursors start at 1.
+        before = _int_argument(self, "cursor", 0, minimum=1) or None
         owner = None if self.is_admin else self.owner
         records = self.app.manager.list(
             statuses=tuple(statuses), owner=owner, before_seq=before, limit=limit + 1
