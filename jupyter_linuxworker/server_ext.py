@@ -69,6 +69,11 @@ class LinuxWorkerApp(ExtensionApp):
         help="Send followed raw output from the log to the socket with sendfile. With False it "
         "goes through tornado's buffers, which costs the server more CPU per byte.",
     ).tag(config=True)
+    output_relay = Bool(
+        True,
+        help="Move a job's stdout through a second pipe on its way to the log. With False the "
+        "supervisor copies from the job's own pipe, and a job that writes fast spins on its lock.",
+    ).tag(config=True)
     stop_jobs_on_shutdown = Bool(
         False, help="Stop running jobs when the server stops; by default they outlive it."
     ).tag(config=True)
@@ -120,6 +125,7 @@ class LinuxWorkerApp(ExtensionApp):
             grace=self.grace,
             default_limits=limits,
             id_map=(self.id_map_start, self.id_map_size),
+            output_relay=self.output_relay,
         )
 
     def initialize_handlers(self) -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import json
+import os
 import resource
+import threading
 import time
 
+import pytest
 from conftest import assert_no_leftovers
 
 from jupyter_linuxworker.sandbox import outputlog
@@ -165,3 +170,52 @@ async def test_cap_marker_after_partial_line(manager: JobManager) -> None:
     assert outputlog.truncation_marker(5, after_newline=False).startswith(
         b"\n[jupyter-linuxworker: "
     )
+
+
+# Three MiB of every byte value, written in pieces that straddle pipe pages, and a cap that
+# ends inside a page, so the relay has to split one of the pipe's buffers.
+PATTERN = bytes(range(256)) * (12 * 1024)
+PATTERN_CAP = 2 * 1024**2 + 3
+WRITE_PIECE = 65536 + 7
+
+
+@pytest.mark.parametrize("relay", [True, False])
+def test_writer_keeps_stdout_exactly_up_to_the_cap(tmp_path: str, relay: bool) -> None:
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, outputlog.PIPE_CHUNK)
+
+    def produce() -> None:
+        for start in range(0, len(PATTERN), WRITE_PIECE):
+            os.write(write_fd, PATTERN[start : start + WRITE_PIECE])
+        os.close(write_fd)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    writer = outputlog.OutputWriter(str(tmp_path), PATTERN_CAP, relay)
+    while writer.pump(read_fd, outputlog.STDOUT):
+        pass
+    writer.close()
+    producer.join()
+    os.close(read_fd)
+
+    marker = outputlog.truncation_marker(PATTERN_CAP, after_newline=False)
+    assert writer.truncated is True
+    assert writer.size == PATTERN_CAP + len(marker)
+    assert outputlog.read_log(str(tmp_path)) == PATTERN[:PATTERN_CAP] + marker
+    assert outputlog.read_ranges(str(tmp_path)) == [
+        (PATTERN_CAP, PATTERN_CAP + len(marker), outputlog.MARKER)
+    ]
+
+
+async def test_output_without_relay(state_dir: str, tmp_path: str) -> None:
+    expected = "".join(f"{number}\n" for number in range(1, 200001)).encode()
+    async with JobManager(state_dir, volume_roots=[str(tmp_path)], output_relay=False) as direct:
+        job = await direct.submit({"command": "seq 1 200000"})
+        record = await direct.wait(job.id, timeout=10)
+
+        with open(os.path.join(direct.jobs_dir, job.id, "launch.json")) as file:
+            assert json.load(file)["output_relay"] is False
+        assert record.status == JobStatus.COMPLETED
+        assert record.output_size == len(expected) == 1288895
+        assert direct.read_output(job.id) == expected
+        assert_no_leftovers(direct)

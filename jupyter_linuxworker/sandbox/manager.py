@@ -115,6 +115,7 @@ class JobManager:
         python: str = sys.executable,
         supervisor_start: StartMode = "prepared",
         supervisor_path: str = SUPERVISOR_PATH,
+        output_relay: bool = True,
     ) -> None:
         self.state_dir = os.path.abspath(state_dir or default_state_dir())
         self.jobs_dir = os.path.join(self.state_dir, "jobs")
@@ -134,6 +135,7 @@ class JobManager:
         userns.check_id_map(*id_map)
         self.id_map = id_map
         self.seccomp = seccomp
+        self.output_relay = output_relay
         self.python = python
         self.last_capability = _last_capability()
         self.cgroups = CgroupLayout.detect()
@@ -290,6 +292,7 @@ class JobManager:
             "id_map": {"host_start": self.id_map[0], "size": self.id_map[1]},
             "last_capability": self.last_capability,
             "seccomp": self.seccomp,
+            "output_relay": self.output_relay,
         }
         jobdir.write_json(os.path.join(job_dir, jobdir.LAUNCH_FILE), launch, durable=False)
         record = self.store.insert(

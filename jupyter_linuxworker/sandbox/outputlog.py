@@ -6,7 +6,9 @@ reader that reads a byte can also read which stream it came from.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import struct
 from collections.abc import Iterator
@@ -35,7 +37,7 @@ def truncation_marker(cap: int, after_newline: bool) -> bytes:
 class OutputWriter:
     """Append a job's stdout and stderr to its log until the cap, then drop and mark."""
 
-    def __init__(self, job_dir: str, cap: int) -> None:
+    def __init__(self, job_dir: str, cap: int, relay: bool = True) -> None:
         flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         # Read access too: the truncation marker depends on the last byte written.
         self._log = os.open(os.path.join(job_dir, LOG_NAME), flags | os.O_RDWR, 0o640)
@@ -45,6 +47,9 @@ class OutputWriter:
         self.cap = cap
         self.size = 0
         self.truncated = False
+        self.relay = relay
+        self._relay: tuple[int, int] | None = None  # made with the first stdout bytes
+        self._can_splice = True
 
     def pump(self, fd: int, stream: int) -> bool:
         """Move the bytes waiting in ``fd`` into the log; return False at end of file."""
@@ -63,15 +68,56 @@ class OutputWriter:
         return True
 
     def _splice(self, fd: int, count: int) -> int:
-        """Move up to ``count`` bytes from pipe ``fd`` without copying; -1 if splice fails."""
+        """Move up to ``count`` bytes from pipe ``fd`` into the log with splice; -1 if it fails.
+
+        With ``relay``, the bytes go through a pipe of our own. A splice from a pipe into a file
+        keeps the pipe locked while it copies into the page cache, and a job that writes to that
+        pipe spins on the lock meanwhile. A splice between two pipes only moves page
+        references, so the job's pipe is locked briefly and the copy happens on the relay.
+        """
+        if not self._can_splice:
+            return -1
+        if not self.relay:
+            return self._splice_to_log(fd, count)
+
+        relay_read, relay_write = self._open_relay()
         try:
-            moved = os.splice(fd, self._log, count, offset_dst=self.size)
+            moved = os.splice(fd, relay_write, count)
         except OSError as error:
             if error.errno not in (errno.EINVAL, errno.ENOSYS):
                 raise
+            self._can_splice = False
+            return -1
+        left = moved
+        while left:
+            written = self._splice_to_log(relay_read, left)
+            if written < 0:
+                # The log's file system rejects splice, so read the relay's bytes and write them.
+                data = os.read(relay_read, left)
+                self._append(data, STDOUT)
+                written = len(data)
+            left -= written
+        return moved
+
+    def _splice_to_log(self, source: int, count: int) -> int:
+        try:
+            moved = os.splice(source, self._log, count, offset_dst=self.size)
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            self._can_splice = False
             return -1
         self.size += moved
         return moved
+
+    def _open_relay(self) -> tuple[int, int]:
+        if self._relay is None:
+            relay_read, relay_write = os.pipe2(os.O_CLOEXEC)
+            # Past /proc/sys/fs/pipe-max-size the default 64 KiB stays: it works, only slower.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(relay_write, fcntl.F_SETPIPE_SZ, PIPE_CHUNK)
+            self._relay = (relay_read, relay_write)
+        return self._relay
 
     def _append(self, data: bytes, stream: int) -> None:
         if not data:
@@ -95,6 +141,8 @@ class OutputWriter:
         """Flush the log to disk and close it."""
         os.fsync(self._log)
         os.close(self._log)
+        for fd in self._relay or ():
+            os.close(fd)
         if self._ranges >= 0:
             os.close(self._ranges)
 

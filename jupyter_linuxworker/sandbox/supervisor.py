@@ -245,7 +245,8 @@ class Supervisor:
             self._discard(prepared, None)
             return self._setup_failed("create user namespace", error)
 
-        writer = OutputWriter(self.job_dir, int(self.launch["output_cap"]))
+        relay = bool(self.launch.get("output_relay", True))
+        writer = OutputWriter(self.job_dir, int(self.launch["output_cap"]), relay)
         try:
             container.start_container(prepared, self.job_dir, volume_userns)
         except SetupError as error:
