@@ -65,6 +65,15 @@ class CpuSplit:
 
 
 @dataclass
+class ServerUnderTest:
+    """A started server: its API, its process id and its state folder."""
+
+    api: Api
+    pid: int
+    state_dir: str
+
+
+@dataclass
 class OutputResults:
     runs: int = 0
     many_runs: int = 0
@@ -73,6 +82,8 @@ class OutputResults:
     pipe: Samples = field(default_factory=Samples)
     # Seconds from POST to the end seen in the job's record, when no one follows the job.
     no_follower: Samples = field(default_factory=Samples)
+    # Seconds from POST until the log contains every byte, so without the supervisor's fsync.
+    no_follower_logged: Samples = field(default_factory=Samples)
     one_follower: Samples = field(default_factory=Samples)  # seconds from POST to the last byte
     one_follower_end: Samples = field(default_factory=Samples)  # seconds to the response's end
     one_follower_job: Samples = field(default_factory=Samples)  # the job's run time, its record
@@ -83,6 +94,11 @@ class OutputResults:
     plain_one: Samples = field(default_factory=Samples)
     plain_many_slowest: Samples = field(default_factory=Samples)
     plain_one_server_cpu: Samples = field(default_factory=Samples)
+    # The same through a server whose supervisors splice from the job's pipe into the log,
+    # without the relay pipe: the figures before the relay.
+    direct_alone: Samples = field(default_factory=Samples)
+    direct_logged: Samples = field(default_factory=Samples)
+    direct_one: Samples = field(default_factory=Samples)
     # CPU seconds the server process spends per GiB delivered to one follower.
     one_server_cpu: Samples = field(default_factory=Samples)
     many_server_cpu: Samples = field(default_factory=Samples)
@@ -234,43 +250,61 @@ def stream_once(
     return reports
 
 
-def job_alone(api: Api, command: str, results: OutputResults) -> float | None:
-    """Run a 1 GiB job that no one follows; return the seconds from the POST to its end."""
+def job_alone(api: Api, state_dir: str, results: OutputResults) -> tuple[float, float] | None:
+    """Run a 1 GiB job that no one follows; return seconds from the POST to its end.
+
+    The first figure is the time until the log in ``state_dir`` contains every byte, the second
+    the time until the job's record shows its end.
+    """
     posted = time.monotonic()
-    job = api.submit({"command": command, "output_cap": OUTPUT_CAP, "name": "bench-output"})
+    job = api.submit({"command": JOB_COMMAND, "output_cap": OUTPUT_CAP, "name": "bench-output"})
+    log_path = os.path.join(state_dir, "jobs", job["id"], "output.log")
+    logged = None
     while True:
+        if logged is None and os.path.exists(log_path) and os.stat(log_path).st_size >= GIB:
+            logged = time.monotonic() - posted
         _status, record = api.request("GET", f"jobs/{job['id']}")
         if record["status"] not in ("PENDING", "RUNNING"):
             break
         time.sleep(ALONE_POLL)
-    seconds = time.monotonic() - posted
+    ended = time.monotonic() - posted
     api.delete(job["id"])
     if record["status"] != "COMPLETED" or record["output_size"] != GIB:
         results.errors.append(
-            f"job {job['id']} ({command}) without followers: {record['status']}, "
+            f"job {job['id']} ({JOB_COMMAND}) without followers: {record['status']}, "
             f"{record['output_size']} bytes"
         )
         return None
-    return seconds
+    return (ended if logged is None else logged), ended
+
+
+def alone_then_one(
+    server: ServerUnderTest, results: OutputResults
+) -> tuple[tuple[float, float] | None, list[dict[str, Any]] | None]:
+    """Time a job that no one follows, then one with one follower, each after a sync."""
+    os.sync()
+    alone = job_alone(server.api, server.state_dir, results)
+    os.sync()
+    return alone, stream_once(server.api, JOB_COMMAND, 1, results, server.pid)
 
 
 def run(
-    api: Api,
-    server_pid: int,
-    state_dir: str,
+    server: ServerUnderTest,
     busybox: str,
     runs: int,
     many_runs: int,
     followers: int,
-    plain: tuple[Api, int] | None = None,
+    plain: ServerUnderTest | None = None,
+    direct: ServerUnderTest | None = None,
 ) -> OutputResults:
     """Alternate the file write, the pipe, one follower and ``followers`` followers.
 
-    ``plain`` is the API and pid of a second server that sends output without sendfile. With
-    it, each run also streams to one follower and to ``followers`` followers through it.
+    ``plain`` is a second server that sends output without sendfile. With it, each run also
+    streams to one follower and to ``followers`` followers through it. ``direct`` is a server
+    without the relay pipe: each run also times a job with no follower and with one through it.
     """
     results = OutputResults(runs=runs, many_runs=many_runs, followers=followers)
-    results.file_path = os.path.join(state_dir, "bench-write-test")
+    results.file_path = os.path.join(server.state_dir, "bench-write-test")
     for index in range(runs):
         # Each measurement starts after a sync, so the writeback of the gigabyte before it
         # does not land in its time.
@@ -279,12 +313,11 @@ def run(
         os.remove(results.file_path)
         os.sync()
         results.pipe.add(time_shell(pipe_command(busybox)))
-        os.sync()
-        alone = job_alone(api, JOB_COMMAND, results)
+
+        alone, reports = alone_then_one(server, results)
         if alone is not None:
-            results.no_follower.add(alone)
-        os.sync()
-        reports = stream_once(api, JOB_COMMAND, 1, results, server_pid)
+            results.no_follower_logged.add(alone[0])
+            results.no_follower.add(alone[1])
         if reports:
             results.one_follower.add(reports[0]["to_last_byte"])
             results.one_follower_end.add(reports[0]["to_end"])
@@ -294,7 +327,7 @@ def run(
             results.one_cpu.add(reports[0]["split"])
         if index < many_runs:
             os.sync()
-            reports = stream_once(api, JOB_COMMAND, followers, results, server_pid)
+            reports = stream_once(server.api, JOB_COMMAND, followers, results, server.pid)
             if reports:
                 times = [report["to_last_byte"] for report in reports]
                 results.many_slowest.add(max(times))
@@ -304,22 +337,30 @@ def run(
                     results.many_job.add(reports[0]["job_seconds"])
                 results.many_server_cpu.add(reports[0]["server_cpu_per_gib"])
                 results.many_cpu.add(reports[0]["split"])
+
         if plain is not None:
-            plain_api, plain_pid = plain
             os.sync()
-            reports = stream_once(plain_api, JOB_COMMAND, 1, results, plain_pid)
+            reports = stream_once(plain.api, JOB_COMMAND, 1, results, plain.pid)
             if reports:
                 results.plain_one.add(reports[0]["to_last_byte"])
                 results.plain_one_server_cpu.add(reports[0]["server_cpu_per_gib"])
             if index < many_runs:
                 os.sync()
-                reports = stream_once(plain_api, JOB_COMMAND, followers, results, plain_pid)
+                reports = stream_once(plain.api, JOB_COMMAND, followers, results, plain.pid)
                 if reports:
                     results.plain_many_slowest.add(max(r["to_last_byte"] for r in reports))
 
+        if direct is not None:
+            alone, reports = alone_then_one(direct, results)
+            if alone is not None:
+                results.direct_logged.add(alone[0])
+                results.direct_alone.add(alone[1])
+            if reports:
+                results.direct_one.add(reports[0]["to_last_byte"])
+
     # `head -c` as the producer, once, in the job and on the host: slow, but a common command.
     results.head_pipe = time_shell(f"{host_command(busybox, HEAD_COMMAND)} | cat > /dev/null")
-    reports = stream_once(api, HEAD_COMMAND, 1, results, server_pid)
+    reports = stream_once(server.api, HEAD_COMMAND, 1, results, server.pid)
     if reports:
         results.head_one = reports[0]["to_last_byte"]
     return results

@@ -245,6 +245,7 @@ def _output_section(run: Run, lines: list[str]) -> None:
     rows = [
         ("write to a file in the state folder", results.file_write),
         ("plain pipe", results.pipe),
+        ("job → log, no follower (POST to the last byte in the log)", results.no_follower_logged),
         ("job → log, no follower (POST to the end in its record)", results.no_follower),
         ("job → REST, 1 follower", results.one_follower),
         (f"job → REST, {results.followers} followers (slowest of each run)", results.many_slowest),
@@ -254,6 +255,9 @@ def _output_section(run: Run, lines: list[str]) -> None:
             f"before: job → REST without sendfile, {results.followers} followers (slowest)",
             results.plain_many_slowest,
         ),
+        ("before: job → log without the relay pipe, to the last byte", results.direct_logged),
+        ("before: job → log without the relay pipe, to the end", results.direct_alone),
+        ("before: job → REST without the relay pipe, 1 follower", results.direct_one),
     ]
     body = [
         (name, f"{s.p(50):.2f}", spread(s), rate(s.p(50)) if s.count else "-", s.count)
@@ -345,15 +349,15 @@ def _output_section(run: Run, lines: list[str]) -> None:
                 + (
                     [
                         (
-                            "1 follower / the job with no follower, rate",
-                            f"{results.no_follower.p(50) / results.one_follower.p(50):.2f}",
+                            "1 follower / the job with no follower (to the last byte logged), rate",
+                            f"{results.no_follower_logged.p(50) / results.one_follower.p(50):.2f}",
                         ),
                         (
-                            "the job with no follower / file write, rate",
-                            f"{results.file_write.p(50) / results.no_follower.p(50):.2f}",
+                            "the job with no follower (to the last byte logged) / file write, rate",
+                            f"{results.file_write.p(50) / results.no_follower_logged.p(50):.2f}",
                         ),
                     ]
-                    if results.no_follower.count
+                    if results.no_follower_logged.count
                     else []
                 )
                 + (
@@ -421,7 +425,7 @@ def _output_limits(results: output_bench.OutputResults) -> list[str]:
         name
         for name, samples in (
             ("the file write", results.file_write),
-            ("the job with no follower", results.no_follower),
+            ("the job with no follower", results.no_follower_logged),
             ("one follower", results.one_follower),
         )
         if samples.count and samples.p(90) > WIDE_SPREAD * samples.p(10)
@@ -750,6 +754,16 @@ def _changes_section(run: Run) -> list[str]:
                 f"{output.followers} followers {output.plain_many_slowest.p(50):.2f} s",
                 f"{output.one_follower.p(50):.2f} s, {output.one_server_cpu.p(50):.2f} s; "
                 f"{output.many_slowest.p(50):.2f} s",
+            )
+        )
+    if output is not None and output.direct_one.count and output.one_follower.count:
+        rows.append(
+            (
+                "the job's stdout moved into a relay pipe, then into the log",
+                f"no follower: last byte logged {output.direct_logged.p(50):.2f} s, end "
+                f"{output.direct_alone.p(50):.2f} s; 1 follower {output.direct_one.p(50):.2f} s",
+                f"{output.no_follower_logged.p(50):.2f} s, {output.no_follower.p(50):.2f} s; "
+                f"{output.one_follower.p(50):.2f} s",
             )
         )
     lines.append(table(("change", "before", "after"), rows) + "\n")

@@ -16,6 +16,7 @@ import tempfile
 import time
 import traceback
 from datetime import UTC, datetime
+from typing import Any
 
 import output as output_bench
 import prepare
@@ -58,6 +59,15 @@ QUICK = {
     "requests": 200,
     "stop_runs": 3,
 }
+
+
+def under_test(server: Any, api: Api | None = None) -> output_bench.ServerUnderTest | None:
+    """Return what the output benchmark needs of a started server; None for None."""
+    if server is None:
+        return None
+    return output_bench.ServerUnderTest(
+        api or Api(server.port, ALICE), server.process.pid, server.state_dir
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -201,6 +211,7 @@ def main(argv: list[str]) -> int:
 
     server = None
     plain_server = None
+    direct_server = None
     try:
         if "start" in sections or "output" in sections:
             server = start_server(server_base)
@@ -224,25 +235,27 @@ def main(argv: list[str]) -> int:
                     os.path.join(temp, "server-plain"),
                     ["--LinuxWorkerApp.sendfile_output=False"],
                 )
+                direct_server = start_server(
+                    os.path.join(temp, "server-direct"),
+                    ["--LinuxWorkerApp.output_relay=False"],
+                )
             try:
                 run.output = section(
                     "output",
                     lambda: output_bench.run(
-                        api,
-                        server.process.pid,
-                        os.path.join(server_base, "state"),
+                        under_test(server, api),
                         os.path.join(run.rootfs, "bin", "busybox"),
                         args.output_runs,
                         args.output_many_runs,
                         args.followers,
-                        (Api(plain_server.port, ALICE), plain_server.process.pid)
-                        if plain_server is not None
-                        else None,
+                        under_test(plain_server),
+                        under_test(direct_server),
                     ),
                 )
             finally:
-                if plain_server is not None:
-                    plain_server.stop()
+                for extra in (plain_server, direct_server):
+                    if extra is not None:
+                        extra.stop()
             api.close()
             server.stop()
             server = None
