@@ -145,6 +145,8 @@ async def test_killed_prepared_supervisor_is_replaced(manager: JobManager) -> No
 
 async def test_start_removes_stale_pending_cgroup(state_dir: str) -> None:
     probe = JobManager(state_dir)
+    # The probe holds the parents, so the stale cgroup has a parent to be created in.
+    probe.cgroups.acquire()
     # A pid above any pid_max: no fork server runs as it.
     stale = probe.cgroups.for_job(f"{PENDING_PREFIX}99999999-1")
     stale.create()
@@ -155,6 +157,7 @@ async def test_start_removes_stale_pending_cgroup(state_dir: str) -> None:
         assert not stale.exists()
     finally:
         JobCgroup(stale.version, stale.paths).remove()
+        probe.cgroups.release()
 
 
 async def test_jobs_in_a_burst_all_start(manager: JobManager) -> None:

@@ -11,6 +11,7 @@ import time
 from conftest import assert_no_leftovers, processes_with_cmdline, wait_for_exit
 
 from jupyter_linuxworker.sandbox import jobdir
+from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 from jupyter_linuxworker.sandbox.manager import JobManager
 from jupyter_linuxworker.sandbox.store import JobStatus
 
@@ -273,6 +274,9 @@ async def test_lost_while_no_manager_runs(state_dir: str) -> None:
 
 
 async def test_start_removes_leftover_cgroup(state_dir: str) -> None:
+    # Holding the parents keeps them after the first manager closes, as a crash would.
+    holder = CgroupLayout.detect()
+    holder.acquire()
     first = JobManager(state_dir, grace=1.0)
     await first.start()
     job = await first.submit({"command": "true"})
@@ -296,3 +300,4 @@ async def test_start_removes_leftover_cgroup(state_dir: str) -> None:
             straggler.wait()
         if cgroup.exists():
             cgroup.remove()
+        holder.release()

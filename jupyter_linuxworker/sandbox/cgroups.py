@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -42,6 +43,8 @@ FREEZE_TIMEOUT: Final = 2.0
 FREEZE_POLL_INTERVAL: Final = 0.002
 KILL_ATTEMPTS: Final = 50
 REMOVE_ATTEMPTS: Final = 200
+# Tries to lock parent folders that a closing manager removes at the same moment.
+PARENT_LOCK_ATTEMPTS: Final = 5
 RETRY_INTERVAL: Final = 0.01
 IO_LIMIT_KEYS: Final = {
     "io_read_bps": ("read_bps_device", "rbps"),
@@ -387,6 +390,8 @@ class CgroupLayout:
     version: int
     parents: dict[str, str]
     own: str = ""
+    # Open parent folders with a shared flock, by path, while a manager uses them.
+    _locks: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def detect(cls, root: str = CGROUP_ROOT, proc_self: str = "/proc/self") -> CgroupLayout:
@@ -419,6 +424,68 @@ class CgroupLayout:
                 errno.ENOENT, f"no cgroup v1 or v2 hierarchy is mounted at {CGROUP_ROOT}"
             )
         return cls(1, parents)
+
+    def acquire(self, totals: dict[str, Any] | None = None) -> None:
+        """Create the job parent folders, set the totals and hold a shared lock on each folder.
+
+        Every manager of the same cgroup shares the parents. The lock, a flock on the folder,
+        lets :meth:`release` remove them only when no other manager has them locked.
+        """
+        for _attempt in range(PARENT_LOCK_ATTEMPTS):
+            self.ensure_parents(totals)
+            if self._lock_parents():
+                return
+        raise CgroupError(
+            errno.EAGAIN,
+            f"cannot lock the job parent cgroups {sorted(set(self.parents.values()))}: they were "
+            f"removed {PARENT_LOCK_ATTEMPTS} times while this manager started; start it again",
+        )
+
+    def _lock_parents(self) -> bool:
+        """Lock every parent folder; return False if one was removed or replaced meanwhile."""
+        for path in sorted(set(self.parents.values())):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._unlock_parents()
+                return False
+            self._locks[path] = fd
+            # A closing manager holds the lock exclusively only while it removes the folder.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                self._unlock_parents()
+                return False
+        return True
+
+    def _unlock_parents(self) -> None:
+        for fd in self._locks.values():
+            os.close(fd)
+        self._locks.clear()
+
+    def release(self, remove: bool = True) -> None:
+        """Drop the locks of :meth:`acquire`; remove each parent that no one else uses.
+
+        A parent stays while another manager has it locked or a job cgroup is left in it, such
+        as the cgroup of a job that outlives the manager. With ``remove`` False, all stay.
+        """
+        for path, fd in self._locks.items():
+            try:
+                if remove:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.rmdir(path)
+                    log.info("removed the job parent cgroup %s", path)
+            except BlockingIOError:
+                log.debug("job parent cgroup %s stays: another manager uses it", path)
+            except OSError as error:
+                if error.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT):
+                    log.warning("removing the job parent cgroup %s failed: %s", path, error)
+            finally:
+                os.close(fd)
+        self._locks.clear()
 
     def ensure_parents(self, totals: dict[str, Any] | None = None) -> None:
         """Create the job parent folders and set the limits that all jobs together share."""

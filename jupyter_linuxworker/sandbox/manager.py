@@ -173,10 +173,7 @@ class JobManager:
                 "options; choose another path"
             )
         self._store = JobStore(os.path.join(self.state_dir, DATABASE_NAME))
-        # TODO: the parent folders stay after the manager closes, even when no job is left in
-        # them, so each server cgroup keeps an empty jupyter-linuxworker folder. Removing it on
-        # close needs job cgroup creation to recreate a parent that another manager removed.
-        self.cgroups.ensure_parents(_host_totals())
+        self.cgroups.acquire(_host_totals())
         try:
             self.images.ensure_default(DEFAULT_IMAGE_NAME)
         except ImageError as error:
@@ -221,10 +218,14 @@ class JobManager:
         for events in self._listeners.values():
             for event in events:
                 event.set()
+        pending = False
         if self._store is not None:
+            pending = bool(self._store.list(statuses=(JobStatus.PENDING,), limit=1))
             self._store.close()
             self._store = None
         self.launcher.close()
+        # The supervisor of a pending job may still create its cgroup in the parents.
+        self.cgroups.release(remove=not pending)
 
     @property
     def store(self) -> JobStore:
