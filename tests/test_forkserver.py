@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -147,8 +148,8 @@ async def test_start_removes_stale_pending_cgroup(state_dir: str) -> None:
     probe = JobManager(state_dir)
     # The probe holds the parents, so the stale cgroup has a parent to be created in.
     probe.cgroups.acquire()
-    # A pid above any pid_max: no fork server runs as it.
-    stale = probe.cgroups.for_job(f"{PENDING_PREFIX}99999999-1")
+    # Pids above any pid_max: no fork server or supervisor runs as them.
+    stale = probe.cgroups.for_job(f"{PENDING_PREFIX}99999998-99999999")
     stale.create()
     try:
         manager = JobManager(state_dir)
@@ -157,6 +158,34 @@ async def test_start_removes_stale_pending_cgroup(state_dir: str) -> None:
         assert not stale.exists()
     finally:
         JobCgroup(stale.version, stale.paths).remove()
+        probe.cgroups.release()
+
+
+async def test_start_keeps_pending_cgroup_of_live_supervisor(state_dir: str) -> None:
+    """A supervisor can still rename its pending cgroup for a job after its fork server ended."""
+    probe = JobManager(state_dir)
+    probe.cgroups.acquire()
+    stand_in = subprocess.Popen(["sleep", "60"])
+    # The fork server's pid is above any pid_max; the supervisor's is a live process.
+    pending = probe.cgroups.for_job(f"{PENDING_PREFIX}99999999-{stand_in.pid}")
+    pending.create()
+    try:
+        manager = JobManager(state_dir)
+        await manager.start()
+        await manager.close()
+        assert pending.exists()
+
+        stand_in.kill()
+        assert stand_in.wait(timeout=5) == -signal.SIGKILL
+        manager = JobManager(state_dir)
+        await manager.start()
+        await manager.close()
+        assert not pending.exists()
+    finally:
+        if stand_in.poll() is None:
+            stand_in.kill()
+            stand_in.wait()
+        JobCgroup(pending.version, pending.paths).remove()
         probe.cgroups.release()
 
 

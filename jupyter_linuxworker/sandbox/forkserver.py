@@ -50,8 +50,8 @@ REPLY_OK: Final = b"ok"
 REPLY_ERROR: Final = b"error"
 SUPERVISOR_MODULE: Final = "jupyter_linuxworker_supervisor"
 PREPARED_TITLE: Final = "jupyter-linuxworker-supervisor (prepared, no job yet)"
-# Prefix of the cgroups that prepared containers wait in; the rest of the name is the fork
-# server's pid and a counter.
+# Prefix of the cgroups that prepared containers wait in. The rest of the name is the fork
+# server's pid and the prepared supervisor's pid: the cgroup is stale only once both are gone.
 PENDING_PREFIX: Final = "pending-"
 # Prepared supervisors kept at once, so that two jobs in quick succession both find one.
 PREPARED_COUNT: Final = 2
@@ -124,7 +124,7 @@ class ForkServer:
         self.prepared: list[Prepared] = []
         # Without preparing, every job gets a fresh fork.
         self.prepare_failures = 0 if config.get("prepare", True) else MAX_PREPARE_FAILURES
-        self.counter = 0
+        self.pid = os.getpid()
         self.prepare_at: float | None = None
         # Sockets of supervisors that have been sent a job but have not closed their end yet.
         self.handed: dict[int, socket.socket] = {}
@@ -239,13 +239,6 @@ class ForkServer:
     def _prepare_next(self) -> None:
         if len(self.prepared) >= PREPARED_COUNT or self.prepare_failures >= MAX_PREPARE_FAILURES:
             return
-        pending = None
-        if self.cgroup_parents is not None:
-            self.counter += 1
-            name = f"{PENDING_PREFIX}{os.getpid()}-{self.counter}"
-            pending = JobCgroup(
-                1, {key: os.path.join(path, name) for key, path in self.cgroup_parents.items()}
-            )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = os.fork()
@@ -257,12 +250,14 @@ class ForkServer:
             return
         if pid == 0:
             ours.close()
+            pending = self._pending_cgroup(os.getpid())
             self._run_child(
                 lambda: self.supervisor.run_prepared(theirs, self.id_map, pending, self.root),
                 None,
             )
         theirs.close()
         pidfd = os.pidfd_open(pid)
+        pending = self._pending_cgroup(pid)
         self.prepared.append(Prepared(pid, pidfd, jobdir.process_start_ticks(pid), ours, pending))
         if pending is not None:
             self.pending_by_pid[pid] = pending
@@ -321,6 +316,15 @@ class ForkServer:
             if pid == 0:
                 return
             self._remove_pending(pid)
+
+    def _pending_cgroup(self, supervisor_pid: int) -> JobCgroup | None:
+        """Return the pending cgroup of prepared supervisor ``supervisor_pid``; None on v2."""
+        if self.cgroup_parents is None:
+            return None
+        name = f"{PENDING_PREFIX}{self.pid}-{supervisor_pid}"
+        return JobCgroup(
+            1, {key: os.path.join(path, name) for key, path in self.cgroup_parents.items()}
+        )
 
     def _remove_pending(self, pid: int) -> None:
         # A prepared supervisor removes its pending cgroup or renames it for its job; this

@@ -696,10 +696,14 @@ class JobManager:
         return lost
 
     def _remove_stale_pending(self, name: str) -> None:
-        server_pid = name[len(PENDING_PREFIX) :].split("-")[0]
-        if not server_pid.isdigit() or os.path.exists(f"/proc/{server_pid}"):
+        # The fork server removes the cgroup when its supervisor dies, and the supervisor
+        # renames it for a job, even after the fork server has ended.
+        pids = name[len(PENDING_PREFIX) :].split("-")
+        if not all(pid.isdigit() for pid in pids) or any(
+            os.path.exists(f"/proc/{pid}") for pid in pids
+        ):
             return
-        log.info("removing the pending cgroup %s of an ended fork server", name)
+        log.info("removing the pending cgroup %s: its fork server and supervisor ended", name)
         self._remove_cgroup(name)
 
     def _remove_cgroup(self, job_id: str) -> None:
