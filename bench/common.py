@@ -271,6 +271,24 @@ def cgroup_layout() -> str:
     return text
 
 
+def file_system(path: str) -> str:
+    """Return the type of the file system at ``path``, and for ext4 whether it has a journal."""
+    df = subprocess.run(
+        ["df", "--output=source,fstype", path], capture_output=True, text=True, check=False
+    )
+    if df.returncode != 0:
+        return "unknown"
+    source, fstype = df.stdout.strip().splitlines()[-1].split()
+    if fstype != "ext4":
+        return fstype
+    # jbd2 lists each journal as DEVICE-INODE, such as vda-8.
+    device = os.path.basename(os.path.realpath(source))
+    journals = os.listdir("/proc/fs/jbd2") if os.path.isdir("/proc/fs/jbd2") else []
+    if any(name.rpartition("-")[0] == device for name in journals):
+        return "ext4 with a journal"
+    return "ext4 without a journal"
+
+
 def machine_facts(state_dir: str) -> list[tuple[str, str]]:
     """Return (name, value) pairs that describe this machine and the tools compared."""
     model = ""

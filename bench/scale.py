@@ -7,10 +7,11 @@ import contextlib
 import os
 import random
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 
-from common import ALICE, BOB, Api, Samples, start_server
+from common import ALICE, BOB, Api, Samples, file_system, start_server
 from output import Followers, process_cpu_seconds
 
 from jupyter_linuxworker.sandbox import JobManager, JobNotFound, JobStatus, jobdir
@@ -23,6 +24,13 @@ RUNNING_TIMEOUT = 300.0
 # the rate of a single burst of 200 ranged from 72 to 138 starts/s across full runs on a 2-core
 # test machine. The last burst stays up for the memory and latency figures.
 START_BURSTS = 3
+# The same bursts again with the state folder on a tmpfs, alternating with the others. To
+# allocate an inode, ext4 without a journal skips every free inode deleted in the last 60 s
+# (longer while its inode table block is dirty), reading the deletion time of each:
+# recently_deleted() in fs/ext4/ialloc.c. Each burst but the first follows the deletion of the
+# jobs before it, so there the next burst's job files cost more to create. A tmpfs has no such
+# check.
+TMPFS_SIZE = "1g"
 
 
 @dataclass
@@ -33,6 +41,9 @@ class ScaleResults:
     submit_seconds: float = 0.0  # the submit() calls alone, in the last burst
     all_running_seconds: float = 0.0  # first submit to the last job's started_at, last burst
     start_rates: Samples = field(default_factory=Samples)  # starts per second of each burst
+    tmpfs_rates: Samples = field(default_factory=Samples)  # the same, state folder on a tmpfs
+    tmpfs_error: str = ""
+    state_file_system: str = ""  # the file system of the state folder of the other bursts
     # CPU seconds of each supervisor and of each job's cgroup, read 2 s after the last start.
     supervisor_cpu: Samples = field(default_factory=Samples)
     job_cpu: Samples = field(default_factory=Samples)
@@ -135,13 +146,13 @@ async def submit_burst(manager: JobManager, count: int, ids: list[str]) -> tuple
     return submit_seconds, max(started.values()) - first_submit
 
 
-async def rate_burst(state_dir: str, count: int, results: ScaleResults) -> None:
-    """Start ``count`` jobs for their start rate alone, then stop and delete them."""
+async def rate_burst(state_dir: str, count: int, rates: Samples) -> None:
+    """Start ``count`` jobs for their start rate alone, add it to ``rates``, stop, delete them."""
     ids: list[str] = []
     async with JobManager(state_dir) as manager:
         try:
             _submit, running = await submit_burst(manager, count, ids)
-            results.start_rates.add(count / running)
+            rates.add(count / running)
         finally:
             pids = [supervisor_pid(manager, job_id) for job_id in ids]
             await asyncio.gather(*(manager.stop(job_id, grace=0) for job_id in ids))
@@ -305,6 +316,28 @@ async def stop_jobs(
             await manager.delete(job_id)
 
 
+def tmpfs_bursts(base: str, count: int, results: ScaleResults) -> None:
+    """Time all but the last burst with the state folder in ``base``, and all on a tmpfs."""
+    state_dir = os.path.join(base, "state")
+    tmpfs = os.path.join(base, "tmpfs")
+    os.makedirs(tmpfs)
+    results.state_file_system = file_system(base)
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0711", "bench", tmpfs]
+    mounted = subprocess.run(mount, capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        results.tmpfs_error = f"mounting a tmpfs on {tmpfs} failed: {mounted.stderr.strip()}"
+    try:
+        for index in range(START_BURSTS):
+            if index < START_BURSTS - 1:
+                asyncio.run(rate_burst(state_dir, count, results.start_rates))
+            if mounted.returncode == 0:
+                os.sync()
+                asyncio.run(rate_burst(os.path.join(tmpfs, "state"), count, results.tmpfs_rates))
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", tmpfs], check=True)
+
+
 def run(base: str, count: int, followers: int, requests: int) -> ScaleResults:
     """Start ``count`` jobs, serve them from a server, measure, stop them; return the results."""
     results = ScaleResults(jobs=count, followers=followers, requests=requests)
@@ -315,8 +348,7 @@ def run(base: str, count: int, followers: int, requests: int) -> ScaleResults:
     try:
         # The output section before this one leaves gigabytes to write back: not this one's.
         os.sync()
-        for _ in range(START_BURSTS - 1):
-            asyncio.run(rate_burst(state_dir, count, results))
+        tmpfs_bursts(base, count, results)
         asyncio.run(start_jobs(state_dir, count, ids, results))
         start = time.monotonic()
         server = start_server(base)  # adopts the running jobs
