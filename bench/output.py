@@ -56,9 +56,11 @@ class CpuSplit:
     rest: Samples = field(default_factory=Samples)
     # System time of the server and the followers together, the part they spend in the kernel.
     delivery_system: Samples = field(default_factory=Samples)
+    followers_system: Samples = field(default_factory=Samples)
 
     def add(self, split: dict[str, float]) -> None:
         self.delivery_system.add(split["server_system"] + split["followers_system"])
+        self.followers_system.add(split["followers_system"])
         for name in ("window", "machine", "followers", "server", "job"):
             getattr(self, name).add(split[name])
         self.rest.add(split["machine"] - split["followers"] - split["server"] - split["job"])

@@ -446,7 +446,8 @@ def _output_limits(results: output_bench.OutputResults) -> list[str]:
     pipe_share = results.file_write.p(50) / results.pipe.p(50)
     lines.append(
         "A job's output crosses a pipe on its way to the log, since the output cap and the "
-        "stderr ranges need one. The plain pipe above has the kernel's default 64 KiB buffer, "
+        "stderr ranges need one; the relay pipe behind it moves page references, not bytes. "
+        "The plain pipe above has the kernel's default 64 KiB buffer, "
         f"while the engine gives the job's pipe {PIPE_SIZE // 1024**2} MiB. In this run one "
         "follower gets "
         f"{results.pipe.p(50) / results.one_follower.p(50):.2f} times the plain pipe's rate, "
@@ -522,6 +523,11 @@ def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
                 f"{cpus * target:.2f} s of CPU on {cpus} CPUs, so meeting the target takes "
                 f"{excess:.2f} s of CPU out of this path."
             )
+        text[-1] += (
+            f" The follower runs in one thread and spends {single.followers.p(50):.2f} s of "
+            f"CPU, {single.followers_system.p(50) / single.followers.p(50):.0%} of it in the "
+            "kernel, so it cannot finish sooner than that."
+        )
     if several.window.count and results.one_follower.count:
         delivery = several.server.p(50) + several.followers.p(50)
         floor = delivery / cpus
@@ -627,7 +633,12 @@ def _scale_section(run: Run, lines: list[str]) -> None:
     run.targets += [
         (
             "scale: at least 100 starts/s",
-            f"{rate_per_second:.0f} starts/s",
+            f"{rate_per_second:.0f} starts/s"
+            + (
+                f" ({results.tmpfs_rates.p(50):.0f} with the state folder on a tmpfs)"
+                if results.tmpfs_rates.count
+                else ""
+            ),
             verdict(rate_per_second >= STARTS_PER_SECOND),
         ),
         (
