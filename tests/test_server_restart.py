@@ -60,7 +60,8 @@ def test_server_stop_leaves_jobs_running(tmp_path: Path) -> None:
         time.sleep(0.5)
     finally:
         first.stop()
-    assert "keeps running after the server stops" in first.log()
+    assert f"linuxworker: job {job['id']} keeps running after the server stops" in first.log()
+    assert "linuxworker: stopped, 1 job(s) left running" in first.log()
 
     second = server_in(tmp_path)
     second.start()
