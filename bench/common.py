@@ -313,7 +313,7 @@ def machine_facts(state_dir: str) -> list[tuple[str, str]]:
         ("memory", f"{mem_kib / 1024**2:.1f} GiB"),
         ("kernel", f"{platform.release()} ({os_name})"),
         ("cgroups", cgroup_layout()),
-        ("state folder disk", " ".join(disk.split()) if disk else "unknown"),
+        ("state folder disk", f"{disk.split()[0]} {file_system(state_dir)}" if disk else "unknown"),
         ("Python", sys.version.split()[0]),
         ("bwrap", _first_line(["bwrap", "--version"])),
         ("crun", _first_line(["crun", "--version"])),

@@ -25,11 +25,11 @@ RUNNING_TIMEOUT = 300.0
 # test machine. The last burst stays up for the memory and latency figures.
 START_BURSTS = 3
 # The same bursts again with the state folder on a tmpfs, alternating with the others. To
-# allocate an inode, ext4 without a journal skips every free inode deleted in the last 60 s
-# (longer while its inode table block is dirty), reading the deletion time of each:
-# recently_deleted() in fs/ext4/ialloc.c. Each burst but the first follows the deletion of the
-# jobs before it, so there the next burst's job files cost more to create. A tmpfs has no such
-# check.
+# allocate an inode, ext4 without a journal passes over each free inode deleted in the last
+# 60 s, or 360 s while its inode table block is dirty. It checks the deletion time of each in
+# the buffer cache, in recently_deleted() of fs/ext4/ialloc.c. Each burst but the first follows the
+# deletion of the jobs before it, so there the next burst's job files cost more to create. A
+# tmpfs has no such check.
 TMPFS_SIZE = "1g"
 
 
