@@ -16,7 +16,7 @@ from common import GIB, MB, LoadWindow, Samples, ms, table, verdict
 from peers import bwrap_argv, unshare_argv
 from start import COMMAND, ENGINE, ENGINE_EXEC, ENGINE_FORK, PEER_COMMAND, StartResults
 
-from jupyter_linuxworker.sandbox.container import PIPE_SIZE
+from jupyter_linuxworker.sandbox.outputlog import PIPE_SIZE
 
 # The project's targets.
 START_BWRAP_FACTOR = 1.5

@@ -163,8 +163,8 @@ class LinuxWorkerApp(ExtensionApp):
             else:
                 self.log.info("linuxworker: job %s keeps running after the server stops", record.id)
         await self.manager.close()
-        kept = 0 if self.stop_jobs_on_shutdown else len(running)
-        self.log.info("linuxworker: stopped, %s job(s) left running", kept)
+        left_running = 0 if self.stop_jobs_on_shutdown else len(running)
+        self.log.info("linuxworker: stopped, %s job(s) left running", left_running)
 
     @staticmethod
     def _active() -> tuple[Any, ...]:

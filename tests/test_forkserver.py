@@ -146,7 +146,7 @@ async def test_killed_prepared_supervisor_is_replaced(manager: JobManager) -> No
 
 async def test_start_removes_stale_pending_cgroup(state_dir: str) -> None:
     probe = JobManager(state_dir)
-    # The probe holds the parents, so the stale cgroup has a parent to be created in.
+    # The probe keeps the parents locked, so the stale cgroup has a parent to be created in.
     probe.cgroups.acquire()
     # Pids above any pid_max: no fork server or supervisor runs as them.
     stale = probe.cgroups.for_job(f"{PENDING_PREFIX}99999998-99999999")

@@ -43,7 +43,7 @@ FREEZE_TIMEOUT: Final = 2.0
 FREEZE_POLL_INTERVAL: Final = 0.002
 KILL_ATTEMPTS: Final = 50
 REMOVE_ATTEMPTS: Final = 200
-# Tries to lock parent folders that a closing manager removes at the same moment.
+# Attempts to lock the parent folders, which a closing manager may remove meanwhile.
 PARENT_LOCK_ATTEMPTS: Final = 5
 RETRY_INTERVAL: Final = 0.01
 IO_LIMIT_KEYS: Final = {
@@ -390,7 +390,7 @@ class CgroupLayout:
     version: int
     parents: dict[str, str]
     own: str = ""
-    # Open parent folders with a shared flock, by path, while a manager uses them.
+    # Descriptors of the parent folders that this manager keeps open with a shared flock, by path.
     _locks: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

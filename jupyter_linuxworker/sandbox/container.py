@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
-from . import jobdir, seccomp, syscalls, userns
+from . import jobdir, outputlog, seccomp, syscalls, userns
 from .mounts import (
     RootSpec,
     SetupError,
@@ -83,7 +83,6 @@ KEPT_CAPABILITIES: Final = frozenset(
         10,  # CAP_NET_BIND_SERVICE
     }
 )
-PIPE_SIZE: Final = 1024 * 1024
 _SIOCGIFFLAGS: Final = 0x8913
 _SIOCSIFFLAGS: Final = 0x8914
 _IFF_UP: Final = 0x1
@@ -128,7 +127,7 @@ def prepare_container(id_map: tuple[int, int], root: RootSpec | None = None) -> 
     except OSError as error:
         raise SetupError("create pipes", error) from None
     for fd in (stdout_read, stderr_read):
-        _set_pipe_size(fd)
+        outputlog.set_pipe_size(fd)
     fds = ContainerFds(stdout_write, stderr_write, status_write)
 
     container_pid = os.fork()
@@ -218,12 +217,6 @@ def discard_container(prepared: PreparedContainer) -> None:
     for fd in (prepared.stdout, prepared.stderr, prepared.status):
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def _set_pipe_size(fd: int) -> None:
-    # Past /proc/sys/fs/pipe-max-size the default 64 KiB stays: it works, only slower.
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _send(status_fd: int, message: dict[str, Any]) -> None:

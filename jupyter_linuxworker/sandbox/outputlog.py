@@ -22,10 +22,18 @@ MARKER: Final = 2
 STREAM_NAMES: Final = {STDOUT: "stdout", STDERR: "stderr", MARKER: "marker"}
 RANGE_RECORD: Final = struct.Struct("<QQB")
 PIPE_CHUNK: Final = 1024 * 1024
+PIPE_SIZE: Final = 1024 * 1024  # the buffer of the job's stdout and stderr pipes and the relay
 TRUNCATION_MARKER: Final = (
     "[jupyter-linuxworker: output truncated at {cap} bytes, the job's output cap; "
     "later output was dropped]\n"
 )
+
+
+def set_pipe_size(fd: int) -> None:
+    """Give pipe ``fd`` a buffer of ``PIPE_SIZE`` bytes where the system allows it."""
+    # Past /proc/sys/fs/pipe-max-size the default 64 KiB stays: it works, only slower.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def truncation_marker(cap: int, after_newline: bool) -> bytes:
@@ -48,7 +56,7 @@ class OutputWriter:
         self.size = 0
         self.truncated = False
         self.relay = relay
-        self._relay: tuple[int, int] | None = None  # made with the first stdout bytes
+        self._relay: tuple[int, int] | None = None  # created with the first stdout bytes
         self._can_splice = True
 
     def pump(self, fd: int, stream: int) -> bool:
@@ -68,7 +76,9 @@ class OutputWriter:
         return True
 
     def _splice(self, fd: int, count: int) -> int:
-        """Move up to ``count`` bytes from pipe ``fd`` into the log with splice; -1 if it fails.
+        """Move up to ``count`` bytes from pipe ``fd`` into the log with splice.
+
+        Return -1, with no byte moved, where splice is rejected: the caller then copies.
 
         With ``relay``, the bytes go through a pipe of our own. A splice from a pipe into a file
         keeps the pipe locked while it copies into the page cache, and a job that writes to that
@@ -113,9 +123,7 @@ class OutputWriter:
     def _open_relay(self) -> tuple[int, int]:
         if self._relay is None:
             relay_read, relay_write = os.pipe2(os.O_CLOEXEC)
-            # Past /proc/sys/fs/pipe-max-size the default 64 KiB stays: it works, only slower.
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(relay_write, fcntl.F_SETPIPE_SZ, PIPE_CHUNK)
+            set_pipe_size(relay_write)
             self._relay = (relay_read, relay_write)
         return self._relay
 
