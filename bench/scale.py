@@ -99,8 +99,8 @@ def smaps_rollup(pid: int) -> dict[str, int]:
 
 
 def supervisor_pid(manager: JobManager, job_id: str) -> int | None:
-    info = jobdir.read_json(os.path.join(manager.jobs_dir, job_id, jobdir.SUPERVISOR_FILE))
-    return int(info["pid"]) if info else None
+    info = manager.store.supervisor(job_id)
+    return info[0] if info else None
 
 
 def cgroup_memory(manager: JobManager, job_id: str) -> int:

@@ -11,7 +11,6 @@ import time
 import pytest
 from conftest import assert_no_leftovers, children_of, wait_for_exit
 
-from jupyter_linuxworker.sandbox import jobdir
 from jupyter_linuxworker.sandbox.cgroups import JobCgroup
 from jupyter_linuxworker.sandbox.forkserver import PENDING_PREFIX, PREPARED_COUNT
 from jupyter_linuxworker.sandbox.manager import JobManager
@@ -85,14 +84,14 @@ async def test_prepared_supervisor_runs_the_job(manager: JobManager) -> None:
     job = await manager.submit({"command": "echo hi; sleep 30"})
     while manager.get(job.id).status != JobStatus.RUNNING:
         await asyncio.sleep(0.02)
-    info = jobdir.read_json(os.path.join(manager.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
+    info = manager.store.supervisor(job.id)
     assert info is not None
-    assert info["pid"] in prepared
+    assert info[0] in prepared
 
     # Its pending cgroup became the job's cgroup, with the job's processes in it.
     assert len(pending - pending_cgroups(manager)) == 1
     assert len(manager.cgroups.for_job(job.id).pids()) == 2
-    title = command_line(info["pid"])
+    title = command_line(info[0])
     assert title.startswith(b"jupyter-linuxworker-supervisor " + manager.jobs_dir.encode())
     record = await manager.stop(job.id, grace=0)
     assert record.status == JobStatus.STOPPED
@@ -219,9 +218,9 @@ async def test_no_descriptors_leak_between_jobs(manager: JobManager) -> None:
     sockets = [target for target in descriptors(server) if target.startswith("socket:")]
     assert len(sockets) == 1 + PREPARED_COUNT
     for job in jobs:
-        info = jobdir.read_json(os.path.join(manager.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
+        info = manager.store.supervisor(job.id)
         assert info is not None
-        targets = descriptors(info["pid"])
+        targets = descriptors(info[0])
         assert [t for t in targets if t.startswith(("socket:", "anon_inode:"))] == []
         # stdin, the log twice, the output log, and the pipes: the wake-up pipe's two ends and
         # the read ends of stdout, stderr and the status pipe.

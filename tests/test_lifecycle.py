@@ -10,7 +10,6 @@ import time
 
 from conftest import assert_no_leftovers, processes_with_cmdline, wait_for_exit
 
-from jupyter_linuxworker.sandbox import jobdir
 from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 from jupyter_linuxworker.sandbox.manager import JobManager
 from jupyter_linuxworker.sandbox.store import JobStatus
@@ -206,6 +205,24 @@ async def test_argv_command_runs_without_shell(manager: JobManager) -> None:
     assert manager.read_output(job.id) == b"a b $HOME\n"
 
 
+async def test_job_folder_holds_four_files(manager: JobManager) -> None:
+    """A job with stdout only leaves four files: each new one costs an inode to allocate."""
+    job = await manager.submit({"command": "echo hi"})
+    record = await manager.wait(job.id, timeout=5)
+
+    assert record.status == JobStatus.COMPLETED
+    assert sorted(os.listdir(os.path.join(manager.jobs_dir, job.id))) == [
+        "launch.json",
+        "output.log",
+        "state.json",
+        "supervisor.log",
+    ]
+    info = manager.store.supervisor(job.id)
+    assert info is not None
+    assert info[0] > 1
+    assert info[1] > 0
+
+
 async def test_manager_restart_adopts_running_job(state_dir: str) -> None:
     """X1 at the engine level: a new manager on the same state folder adopts running jobs."""
     first = JobManager(state_dir, grace=1.0)
@@ -239,10 +256,10 @@ async def test_manager_restart_adopts_running_job(state_dir: str) -> None:
 async def test_supervisor_killed_job_is_lost(manager: JobManager) -> None:
     job = await manager.submit({"command": "sleep 600"})
     await wait_running(manager, job.id)
-    supervisor = jobdir.read_json(os.path.join(manager.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
+    supervisor = manager.store.supervisor(job.id)
     assert supervisor is not None
 
-    os.kill(supervisor["pid"], signal.SIGKILL)
+    os.kill(supervisor[0], signal.SIGKILL)
     record = await manager.wait(job.id, timeout=5)
 
     assert record.status == JobStatus.LOST
@@ -256,11 +273,11 @@ async def test_lost_while_no_manager_runs(state_dir: str) -> None:
     await first.start()
     job = await first.submit({"command": "sleep 600"})
     await wait_running(first, job.id)
+    supervisor = first.store.supervisor(job.id)
     await first.close()
-    supervisor = jobdir.read_json(os.path.join(first.jobs_dir, job.id, jobdir.SUPERVISOR_FILE))
     assert supervisor is not None
-    os.kill(supervisor["pid"], signal.SIGKILL)
-    wait_for_exit(supervisor["pid"])
+    os.kill(supervisor[0], signal.SIGKILL)
+    wait_for_exit(supervisor[0])
 
     second = JobManager(state_dir, grace=1.0)
     await second.start()

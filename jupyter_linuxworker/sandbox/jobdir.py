@@ -1,8 +1,8 @@
 """The files in a job's folder that the manager and the supervisor exchange.
 
-The manager writes ``launch.json`` and ``stop.json``; the supervisor writes ``supervisor.json``
-and ``state.json``. Every file is replaced atomically (write, fsync, rename), so a reader sees
-either the old or the new content, also after a crash.
+The manager writes ``launch.json`` and ``stop.json``; the supervisor writes ``state.json``.
+Every file is replaced atomically (write, fsync, rename), so a reader sees either the old or the
+new content, also after a crash.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any, Final
 
 LAUNCH_FILE: Final = "launch.json"
 STOP_FILE: Final = "stop.json"
-SUPERVISOR_FILE: Final = "supervisor.json"
 STATE_FILE: Final = "state.json"
 SUPERVISOR_LOG: Final = "supervisor.log"
 

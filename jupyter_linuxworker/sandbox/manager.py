@@ -240,13 +240,10 @@ class JobManager:
         )
         for record in active:
             refreshed = self._refresh(record)
-            if not refreshed.status.ended:
-                info = (
-                    jobdir.read_json(os.path.join(self._job_dir(record.id), jobdir.SUPERVISOR_FILE))
-                    or {}
-                )
-                self._track(record.id, int(info["pid"]), int(info["start_ticks"]))
-                log.info("job %s: adopted, supervisor pid %s", record.id, info["pid"])
+            info = None if refreshed.status.ended else self._supervisor_info(record.id)
+            if info is not None:
+                self._track(record.id, *info)
+                log.info("job %s: adopted, supervisor pid %s", record.id, info[0])
 
         # Cgroups left by a job of ours that is known to have ended, for example after a crash,
         # and pending cgroups of prepared supervisors whose fork server is gone.
@@ -332,9 +329,10 @@ class JobManager:
             self._notify(job_id)
             return
 
-        supervisor = {"pid": started.pid, "start_ticks": started.start_ticks}
-        jobdir.write_json(os.path.join(job_dir, jobdir.SUPERVISOR_FILE), supervisor, durable=False)
+        # The record, not a file in the job's folder: a file costs an inode, and on ext4
+        # without a journal each new inode gets slower to find while many were just deleted.
         if started.start_ticks is not None:
+            self.store.set_supervisor(job_id, started.pid, started.start_ticks)
             self._track(job_id, started.pid, started.start_ticks, started.pidfd)
         elif started.pidfd is not None:
             os.close(started.pidfd)
@@ -566,13 +564,14 @@ class JobManager:
     # -- supervisors ------------------------------------------------------------------------
 
     def _supervisor_info(self, job_id: str) -> tuple[int, int] | None:
-        job_dir = self._job_dir(job_id)
-        info = jobdir.read_json(os.path.join(job_dir, jobdir.SUPERVISOR_FILE))
-        if info is None:
-            # A manager that ended right after starting the supervisor wrote no file; the
-            # supervisor records itself in state.json once the job runs.
-            state = jobdir.read_json(os.path.join(job_dir, jobdir.STATE_FILE)) or {}
-            info = state.get("supervisor")
+        """Return the pid and start ticks of the job's supervisor, or None if unknown."""
+        recorded = self.store.supervisor(job_id)
+        if recorded is not None:
+            return recorded
+        # A manager that ended right after starting the supervisor recorded nothing; the
+        # supervisor records itself in state.json once the job runs.
+        state = jobdir.read_json(os.path.join(self._job_dir(job_id), jobdir.STATE_FILE)) or {}
+        info = state.get("supervisor")
         if not info or info.get("start_ticks") is None:
             return None
         return int(info["pid"]), int(info["start_ticks"])

@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 DATABASE_NAME: Final = "jobs.sqlite"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 1000
 
-_SCHEMA: Final = """
+_SCHEMA_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -32,11 +32,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     ended_at REAL,
     output_size INTEGER NOT NULL DEFAULT 0,
     output_truncated INTEGER NOT NULL DEFAULT 0,
-    usage TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner);
+    usage TEXT NOT NULL DEFAULT '{}',
+    supervisor_pid INTEGER,
+    supervisor_start_ticks INTEGER
+)
 """
+_SCHEMA_INDEXES: Final = (
+    "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status)",
+    "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner)",
+)
+# Columns that schema version 1 lacks: opening such a database adds them.
+_ADDED_COLUMNS: Final = (
+    ("supervisor_pid", "INTEGER"),
+    ("supervisor_start_ticks", "INTEGER"),
+)
 
 
 class JobStatus(enum.StrEnum):
@@ -162,8 +171,28 @@ class JobStore:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the table, or add the columns an earlier version's table lacks."""
+        # One write transaction, so that two processes opening the file at once do not both
+        # add a column.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(_SCHEMA_TABLE)
+            for statement in _SCHEMA_INDEXES:
+                self._db.execute(statement)
+            present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            # A newer version's database keeps its number: it has every column read here.
+            self._db.execute(f"PRAGMA user_version={max(version, SCHEMA_VERSION)}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def insert(self, record: JobRecord) -> JobRecord:
         """Store a new record; return it with its sequence number."""
@@ -257,6 +286,22 @@ class JobStore:
             params.append(owner)
         rows = self._db.execute(query + " LIMIT ?", [*params, limit]).fetchall()
         return [row[0] for row in rows]
+
+    def set_supervisor(self, job_id: str, pid: int, start_ticks: int) -> None:
+        """Record the process that supervises ``job_id``: its pid and when it started."""
+        self._db.execute(
+            "UPDATE jobs SET supervisor_pid=?, supervisor_start_ticks=? WHERE id=?",
+            (pid, start_ticks, job_id),
+        )
+
+    def supervisor(self, job_id: str) -> tuple[int, int] | None:
+        """Return the pid and start ticks recorded for the job's supervisor, or None."""
+        row = self._db.execute(
+            "SELECT supervisor_pid, supervisor_start_ticks FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        if row is None or row[0] is None or row[1] is None:
+            return None
+        return int(row[0]), int(row[1])
 
     def delete(self, job_id: str) -> None:
         """Remove the record of ``job_id``."""

@@ -63,8 +63,8 @@ class Supervisor:
         self.launch: dict[str, Any] = launch
         self.job_id: str = launch["job_id"]
         self.cgroup = JobCgroup.from_dict(launch["cgroup"])
-        # The manager records this process in supervisor.json too; the copy in state.json
-        # covers a manager that ended before it wrote that file.
+        # The manager records this process in the job's record too; the copy in state.json
+        # covers a manager that ended before it did.
         self.state: dict[str, Any] = {
             "status": "PENDING",
             "supervisor": {
