@@ -31,6 +31,9 @@ START_BURSTS = 3
 # deletion of the jobs before it, so there the next burst's job files cost more to create. A
 # tmpfs has no such check.
 TMPFS_SIZE = "1g"
+# And on ext4 with a journal, as mkfs.ext4 makes it by default, in a sparse image file mounted
+# through a loop device. With a journal, ext4 skips that check.
+JOURNAL_IMAGE_SIZE = "2G"
 
 
 @dataclass
@@ -43,6 +46,9 @@ class ScaleResults:
     start_rates: Samples = field(default_factory=Samples)  # starts per second of each burst
     tmpfs_rates: Samples = field(default_factory=Samples)  # the same, state folder on a tmpfs
     tmpfs_error: str = ""
+    journal_rates: Samples = field(default_factory=Samples)  # the same, on ext4 with a journal
+    journal_error: str = ""
+    journal_file_system: str = ""  # what file_system() reports for that mount
     state_file_system: str = ""  # the file system of the state folder of the other bursts
     # CPU seconds of each supervisor and of each job's cgroup, read 2 s after the last start.
     supervisor_cpu: Samples = field(default_factory=Samples)
@@ -316,26 +322,64 @@ async def stop_jobs(
             await manager.delete(job_id)
 
 
-def tmpfs_bursts(base: str, count: int, results: ScaleResults) -> None:
-    """Time all but the last burst with the state folder in ``base``, and all on a tmpfs."""
-    state_dir = os.path.join(base, "state")
-    tmpfs = os.path.join(base, "tmpfs")
-    os.makedirs(tmpfs)
-    results.state_file_system = file_system(base)
-    mount = ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0711", "bench", tmpfs]
+def mount_tmpfs(path: str) -> str:
+    """Mount a tmpfs of TMPFS_SIZE on ``path``; return why that failed, or ""."""
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0711", "bench", path]
     mounted = subprocess.run(mount, capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
-        results.tmpfs_error = f"mounting a tmpfs on {tmpfs} failed: {mounted.stderr.strip()}"
+        return f"mounting a tmpfs on {path} failed: {mounted.stderr.strip()}"
+    return ""
+
+
+def mount_journaled_ext4(image: str, path: str) -> str:
+    """Make ext4 with a journal in the file ``image`` and mount it on ``path``; "" or why not."""
+    steps = [
+        ["truncate", "-s", JOURNAL_IMAGE_SIZE, image],
+        ["mkfs.ext4", "-q", "-F", "-O", "has_journal", image],
+        ["mount", "-o", "loop", image, path],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(step, capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            return f"{step[0]} is not installed"
+        if done.returncode != 0:
+            return f"{' '.join(step)} failed: {done.stderr.strip()}"
+    return ""
+
+
+def file_system_bursts(base: str, count: int, results: ScaleResults) -> None:
+    """Time all but the last burst with the state folder in ``base``; all on a tmpfs and ext4.
+
+    The bursts alternate: state folder, tmpfs, ext4 with a journal, and again.
+    """
+    state_dir = os.path.join(base, "state")
+    tmpfs = os.path.join(base, "tmpfs")
+    journaled = os.path.join(base, "ext4-journal")
+    image = os.path.join(base, "ext4-journal.img")
+    os.makedirs(tmpfs)
+    os.makedirs(journaled)
+    results.state_file_system = file_system(base)
+    results.tmpfs_error = mount_tmpfs(tmpfs)
+    results.journal_error = mount_journaled_ext4(image, journaled)
+    mounts = []
+    if not results.tmpfs_error:
+        mounts.append((tmpfs, results.tmpfs_rates))
+    if not results.journal_error:
+        mounts.append((journaled, results.journal_rates))
+        results.journal_file_system = file_system(journaled)
     try:
         for index in range(START_BURSTS):
             if index < START_BURSTS - 1:
                 asyncio.run(rate_burst(state_dir, count, results.start_rates))
-            if mounted.returncode == 0:
+            for mount_point, rates in mounts:
                 os.sync()
-                asyncio.run(rate_burst(os.path.join(tmpfs, "state"), count, results.tmpfs_rates))
+                asyncio.run(rate_burst(os.path.join(mount_point, "state"), count, rates))
     finally:
-        if mounted.returncode == 0:
-            subprocess.run(["umount", tmpfs], check=True)
+        for mount_point, _rates in mounts:
+            subprocess.run(["umount", mount_point], check=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(image)
 
 
 def run(base: str, count: int, followers: int, requests: int) -> ScaleResults:
@@ -348,7 +392,7 @@ def run(base: str, count: int, followers: int, requests: int) -> ScaleResults:
     try:
         # The output section before this one leaves gigabytes to write back: not this one's.
         os.sync()
-        tmpfs_bursts(base, count, results)
+        file_system_bursts(base, count, results)
         asyncio.run(start_jobs(state_dir, count, ids, results))
         start = time.monotonic()
         server = start_server(base)  # adopts the running jobs
