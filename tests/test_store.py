@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 from jupyter_linuxworker.sandbox.store import (
@@ -39,6 +40,8 @@ CREATE INDEX jobs_owner ON jobs (owner);
 PRAGMA user_version=1;
 """
 JOB_ID = "0123456789abcdef0123456789abcdef"
+OPENERS = 8  # stores that open the same file at once
+OPEN_ROUNDS = 10  # files opened that way: one round missed the failure 4 times in 5
 
 
 def columns(path: str) -> list[str]:
@@ -119,6 +122,49 @@ def test_version_1_database_gains_the_supervisor_columns(tmp_path: Path) -> None
     JobStore(path).close()
     assert columns(path).count("supervisor_pid") == 1
     assert user_version(path) == 2
+
+
+def open_at_once(path: str) -> list[BaseException]:
+    """Open ``path`` from OPENERS threads at the same moment; return what they raised."""
+    errors: list[BaseException] = []
+    ready = threading.Barrier(OPENERS)
+
+    def open_store() -> None:
+        ready.wait()
+        try:
+            JobStore(path).close()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_store) for _ in range(OPENERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return errors
+
+
+def test_stores_opening_a_new_file_at_once(tmp_path: Path) -> None:
+    for round_number in range(OPEN_ROUNDS):
+        path = os.path.join(tmp_path, f"{round_number}-{DATABASE_NAME}")
+
+        assert open_at_once(path) == []
+        assert columns(path).count("supervisor_pid") == 1
+        assert user_version(path) == 2
+
+
+def test_stores_opening_a_version_1_file_at_once(tmp_path: Path) -> None:
+    for round_number in range(OPEN_ROUNDS):
+        path = os.path.join(tmp_path, f"{round_number}-{DATABASE_NAME}")
+        database = sqlite3.connect(path)
+        # WAL mode, as the first release left its file.
+        database.execute("PRAGMA journal_mode=WAL")
+        database.executescript(VERSION_1_TABLE)
+        database.close()
+
+        assert open_at_once(path) == []
+        assert columns(path).count("supervisor_pid") == 1
+        assert user_version(path) == 2
 
 
 def test_newer_database_keeps_its_version(tmp_path: Path) -> None:

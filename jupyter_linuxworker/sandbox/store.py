@@ -6,6 +6,7 @@ import builtins
 import enum
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -14,6 +15,10 @@ DATABASE_NAME: Final = "jobs.sqlite"
 SCHEMA_VERSION: Final = 2
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 1000
+# Switching a new file to WAL mode fails at once, without SQLite's busy timeout, while another
+# connection opens the same file: try again this often, this long apart.
+WAL_ATTEMPTS: Final = 100
+WAL_RETRY_SECONDS: Final = 0.01
 
 _SCHEMA_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -169,9 +174,24 @@ class JobStore:
     def __init__(self, path: str) -> None:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        try:
+            self._use_wal()
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _use_wal(self) -> None:
+        """Put the file in WAL mode, so that readers do not wait for the writer."""
+        for attempt in range(WAL_ATTEMPTS):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or attempt == WAL_ATTEMPTS - 1:
+                    raise sqlite3.OperationalError(f"{self.path}: {error}") from error
+            time.sleep(WAL_RETRY_SECONDS)
 
     def _migrate(self) -> None:
         """Create the table, or add the columns an earlier version's table lacks."""
@@ -187,7 +207,8 @@ class JobStore:
                 if name not in present:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
             version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-            # A newer version's database keeps its number: it has every column read here.
+            # A newer version's database keeps its number, so that version does not take it
+            # for an older one.
             self._db.execute(f"PRAGMA user_version={max(version, SCHEMA_VERSION)}")
         except BaseException:
             self._db.execute("ROLLBACK")
