@@ -847,6 +847,7 @@ def _changes_section(run: Run) -> list[str]:
         "container child creates the user namespace, instead of a process of its own; jobs "
         "share one staging folder, and the stderr range file is created only for stderr; "
         "`POST jobs` counts the user's running jobs in SQLite; `submit` starts the supervisor in "
-        "the background.\n"
+        "the background; the supervisor's pid goes into the job's row in SQLite, not into a "
+        "file of its own in the job's folder.\n"
     )
     return lines
