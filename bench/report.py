@@ -18,6 +18,8 @@ from start import COMMAND, ENGINE, ENGINE_EXEC, ENGINE_FORK, PEER_COMMAND, Start
 
 from jupyter_linuxworker.sandbox.outputlog import PIPE_SIZE
 
+# The reason shown for a section that did not run: only --only leaves one out without an error.
+NOT_RUN = "skipped (--only)"
 # The project's targets.
 START_BWRAP_FACTOR = 1.5
 REST_OVERHEAD_MS = 3.0
@@ -61,6 +63,7 @@ class Run:
     scale: scale_bench.ScaleResults | None = None
     stop: stop_bench.StopResults | None = None
     targets: list[tuple[str, str, str]] = field(default_factory=list)
+    quick: bool = False  # a smoke run with --quick, too small to judge the targets
 
 
 def rate(seconds: float) -> str:
@@ -85,7 +88,7 @@ def _start_section(run: Run, lines: list[str]) -> None:
     results = run.start
     lines.append("## 1. Start: submit to the first output byte of `echo hi`\n")
     if results is None:
-        lines.append(f"Not measured: {run.errors.get('start', 'skipped')}\n")
+        lines.append(f"Not measured: {run.errors.get('start', NOT_RUN)}\n")
         return
     lines.append(
         f"{results.rounds} rounds after {results.warmup} warm-up rounds. Each round runs every "
@@ -233,7 +236,7 @@ def _output_section(run: Run, lines: list[str]) -> None:
     results = run.output
     lines.append("## 2. Output: 1 GiB through a job\n")
     if results is None:
-        lines.append(f"Not measured: {run.errors.get('output', 'skipped')}\n")
+        lines.append(f"Not measured: {run.errors.get('output', NOT_RUN)}\n")
         return
     lines.append(
         f"{_count(results.runs, 'run')} of the file write, the pipe, the job with no follower "
@@ -549,7 +552,7 @@ def _scale_section(run: Run, lines: list[str]) -> None:
     results = run.scale
     lines.append("## 3. Scale: concurrent `sleep 600` jobs\n")
     if results is None:
-        lines.append(f"Not measured: {run.errors.get('scale', 'skipped')}\n")
+        lines.append(f"Not measured: {run.errors.get('scale', NOT_RUN)}\n")
         return
     lines.append(_section_load(run, "scale") + "\n")
 
@@ -697,8 +700,8 @@ def _scale_section(run: Run, lines: list[str]) -> None:
         'Commands: after a `sync`, `manager.submit({"command": "sleep 600"}, owner="alice")` '
         f"{results.jobs} times in a row, in {scale_bench.START_BURSTS} bursts, and as many with "
         f"the state folder on a tmpfs of {scale_bench.TMPFS_SIZE}, and on ext4 made by "
-        f"`mkfs.ext4 -O has_journal` in a sparse image file of {scale_bench.JOURNAL_IMAGE_SIZE} "
-        "and mounted with `mount -o loop`; the rate takes "
+        f"`mkfs.ext4 -O has_journal` in a sparse image file made by `truncate -s "
+        f"{scale_bench.JOURNAL_IMAGE_SIZE}` and mounted with `mount -o loop`; the rate takes "
         "the latest `started_at` (written by each supervisor when the job turns RUNNING). The "
         "jobs of each burst but the last are stopped and deleted before the next. PSS is read "
         "from /proc/PID/smaps_rollup of each supervisor, of the fork server, and of the "
@@ -723,7 +726,7 @@ def _stop_section(run: Run, lines: list[str]) -> None:
     results = run.stop
     lines.append("## 4. Stop: from the stop request to STOPPED\n")
     if results is None:
-        lines.append(f"Not measured: {run.errors.get('stop', 'skipped')}\n")
+        lines.append(f"Not measured: {run.errors.get('stop', NOT_RUN)}\n")
         return
     lines.append(_section_load(run, "stop") + "\n")
     lines.append(
@@ -794,7 +797,14 @@ def render(run: Run) -> str:
         f"after it: {busy_after}. Each section below gives its own load.\n"
     )
     lines.append("## Targets\n")
-    lines.append(table(("target", "this run", "result"), run.targets) + "\n")
+    targets = run.targets
+    if run.quick:
+        targets = [(target, figure, "not judged: --quick") for target, figure, _ in targets]
+        lines.append(
+            "This is a smoke run with `--quick`: it has fewer jobs and runs than the targets are "
+            "set for, so no target is judged. A full run judges them.\n"
+        )
+    lines.append(table(("target", "this run", "result"), targets) + "\n")
     if run.errors:
         lines.append(
             "Errors: " + "; ".join(f"{name}: {text}" for name, text in run.errors.items()) + "\n"
@@ -840,9 +850,16 @@ def _changes_section(run: Run) -> list[str]:
                 f"{output.one_follower.p(50):.2f} s",
             )
         )
-    lines.append(table(("change", "before", "after"), rows) + "\n")
+    if rows:
+        lines.append(table(("change", "before", "after"), rows) + "\n")
+    else:
+        lines.append(
+            "None in this run: they come from the start and output sections, and neither "
+            "measured them.\n"
+        )
     lines.append(
-        "Also in the figures, without a switch to measure them one by one: PID 1 starts the "
+        "Changes since the first version that have no switch, so that their effect is in the "
+        "figures but not measured alone: PID 1 starts the "
         "command with posix_spawn after restricting itself, instead of forking Python; the "
         "container child creates the user namespace, instead of a process of its own; jobs "
         "share one staging folder, and the stderr range file is created only for stderr; "
