@@ -37,7 +37,9 @@ OPTION_OF_FIELD: Final = {
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
     """Add the options that set a job spec's fields."""
-    parser.add_argument("--image", help="image to run in (default: the server's, else 'default')")
+    parser.add_argument(
+        "--image", help="image to run in (default: the server's default image; 'default' for run)"
+    )
     parser.add_argument(
         "--env",
         "-e",

@@ -221,6 +221,9 @@ async def test_job_folder_holds_four_files(manager: JobManager) -> None:
     assert info is not None
     assert info[0] > 1
     assert info[1] > 0
+    with open(os.path.join(manager.jobs_dir, job.id, "supervisor.log"), encoding="utf-8") as file:
+        last_line = file.read().splitlines()[-1]
+    assert last_line.endswith(f" INFO job {job.id}: ended COMPLETED (exit code 0)")
 
 
 async def test_manager_restart_adopts_running_job(state_dir: str) -> None:
