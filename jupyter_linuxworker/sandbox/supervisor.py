@@ -391,9 +391,10 @@ class Supervisor:
 
         self.state.update(self._outcome(), ended_at=time.time(), usage=self.usage)
         self.state.setdefault("started_at", None)
-        jobdir.write_json(os.path.join(self.job_dir, jobdir.STATE_FILE), self.state)
+        # Logged first: once a reader sees the final state, the log holds every line.
         outcome = self.state.get("detail") or f"exit code {self.state.get('exit_code')}"
         log.info("job %s: ended %s (%s)", self.job_id, self.state["status"], outcome)
+        jobdir.write_json(os.path.join(self.job_dir, jobdir.STATE_FILE), self.state)
 
     def _outcome(self) -> dict[str, Any]:
         """Return status, exit code, signal, reason and detail from what the container reported."""
