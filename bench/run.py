@@ -61,13 +61,16 @@ QUICK = {
 }
 
 
-def under_test(server: Any, api: Api | None = None) -> output_bench.ServerUnderTest | None:
-    """Return what the output benchmark needs of a started server; None for None."""
-    if server is None:
-        return None
+def under_test(server: Any, api: Api | None = None) -> output_bench.ServerUnderTest:
+    """Return what the output benchmark needs of a started server."""
     return output_bench.ServerUnderTest(
         api or Api(server.port, ALICE), server.process.pid, server.state_dir
     )
+
+
+def maybe_under_test(server: Any) -> output_bench.ServerUnderTest | None:
+    """Return :func:`under_test` of ``server``, or None when no such server was started."""
+    return None if server is None else under_test(server)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -248,8 +251,8 @@ def main(argv: list[str]) -> int:
                         args.output_runs,
                         args.output_many_runs,
                         args.followers,
-                        under_test(plain_server),
-                        under_test(direct_server),
+                        maybe_under_test(plain_server),
+                        maybe_under_test(direct_server),
                     ),
                 )
             finally:
