@@ -424,10 +424,10 @@ def _output_section(run: Run, lines: list[str]) -> None:
 
 
 def _output_verdict(met_at_medians: bool, met_at_fast_runs: bool) -> str:
-    """Judge an output target at the medians and at the p10 times; say so when they differ.
+    """Return the verdict of an output target at the medians and at the p10 times.
 
-    Page cache on this kind of machine is sometimes several times slower to allocate, so the
-    median of one path may come from its slow runs while another's comes from its fast ones.
+    The verdict is "unstable" when the two differ. New page cache was sometimes several times
+    slower to allocate on the test machine, so one path's median may come from its slow runs.
     """
     if met_at_medians == met_at_fast_runs:
         return verdict(met_at_medians)

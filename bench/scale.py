@@ -31,8 +31,8 @@ START_BURSTS = 3
 # deletion of the jobs before it, so there the next burst's job files cost more to create. A
 # tmpfs has no such check.
 TMPFS_SIZE = "1g"
-# And on ext4 with a journal, as mkfs.ext4 makes it by default, in a sparse image file mounted
-# through a loop device. With a journal, ext4 skips that check.
+# The bursts also run on ext4 with a journal, the default of mkfs.ext4, in a sparse image file
+# mounted through a loop device. With a journal, ext4 skips that check.
 JOURNAL_IMAGE_SIZE = "2G"
 
 
@@ -323,7 +323,7 @@ async def stop_jobs(
 
 
 def mount_tmpfs(path: str) -> str:
-    """Mount a tmpfs of TMPFS_SIZE on ``path``; return why that failed, or ""."""
+    """Mount a tmpfs of TMPFS_SIZE on ``path``. Return an error message, or "" on success."""
     mount = ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0711", "bench", path]
     mounted = subprocess.run(mount, capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
@@ -332,7 +332,10 @@ def mount_tmpfs(path: str) -> str:
 
 
 def mount_journaled_ext4(image: str, path: str) -> str:
-    """Make ext4 with a journal in the file ``image`` and mount it on ``path``; "" or why not."""
+    """Create ext4 with a journal in the file ``image`` and mount it on ``path``.
+
+    Return an error message, or "" on success.
+    """
     steps = [
         ["truncate", "-s", JOURNAL_IMAGE_SIZE, image],
         ["mkfs.ext4", "-q", "-F", "-O", "has_journal", image],
@@ -349,9 +352,10 @@ def mount_journaled_ext4(image: str, path: str) -> str:
 
 
 def file_system_bursts(base: str, count: int, results: ScaleResults) -> None:
-    """Time all but the last burst with the state folder in ``base``; all on a tmpfs and ext4.
+    """Time start bursts on the state folder in ``base``, on a tmpfs and on ext4 with a journal.
 
-    The bursts alternate: state folder, tmpfs, ext4 with a journal, and again.
+    The bursts alternate between the three. The state folder gets one burst fewer, since the
+    caller's last burst there stays up for the memory and latency figures.
     """
     state_dir = os.path.join(base, "state")
     tmpfs = os.path.join(base, "tmpfs")
@@ -376,8 +380,16 @@ def file_system_bursts(base: str, count: int, results: ScaleResults) -> None:
                 os.sync()
                 asyncio.run(rate_burst(os.path.join(mount_point, "state"), count, rates))
     finally:
+        # Every mount is tried, so that one failed unmount does not leave the other mounted.
         for mount_point, _rates in mounts:
-            subprocess.run(["umount", mount_point], check=True)
+            unmounted = subprocess.run(
+                ["umount", mount_point], capture_output=True, text=True, check=False
+            )
+            if unmounted.returncode != 0:
+                results.errors.append(
+                    f"unmounting {mount_point} failed: {unmounted.stderr.strip()}; "
+                    f"unmount it by hand with 'umount {mount_point}'"
+                )
         with contextlib.suppress(FileNotFoundError):
             os.remove(image)
 

@@ -205,8 +205,8 @@ async def test_argv_command_runs_without_shell(manager: JobManager) -> None:
     assert manager.read_output(job.id) == b"a b $HOME\n"
 
 
-async def test_job_folder_holds_four_files(manager: JobManager) -> None:
-    """A job with stdout only leaves four files: each new one costs an inode to allocate."""
+async def test_job_folder_has_four_files(manager: JobManager) -> None:
+    """A job with only stdout leaves four files, since every file costs an inode to allocate."""
     job = await manager.submit({"command": "echo hi"})
     record = await manager.wait(job.id, timeout=5)
 

@@ -329,8 +329,8 @@ class JobManager:
             self._notify(job_id)
             return
 
-        # The record, not a file in the job's folder: a file costs an inode, and on ext4
-        # without a journal each new inode gets slower to find while many were just deleted.
+        # The pid goes into the record rather than into a file of the job's folder, because on
+        # ext4 without a journal each new inode is slower to allocate after many deletions.
         if started.start_ticks is not None:
             self.store.set_supervisor(job_id, started.pid, started.start_ticks)
             self._track(job_id, started.pid, started.start_ticks, started.pidfd)
@@ -568,7 +568,7 @@ class JobManager:
         recorded = self.store.supervisor(job_id)
         if recorded is not None:
             return recorded
-        # A manager that ended right after starting the supervisor recorded nothing; the
+        # A manager that ended right after starting the supervisor recorded nothing. The
         # supervisor records itself in state.json once the job runs.
         state = jobdir.read_json(os.path.join(self._job_dir(job_id), jobdir.STATE_FILE)) or {}
         info = state.get("supervisor")

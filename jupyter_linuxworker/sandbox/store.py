@@ -15,8 +15,8 @@ DATABASE_NAME: Final = "jobs.sqlite"
 SCHEMA_VERSION: Final = 2
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 1000
-# Switching a new file to WAL mode fails at once, without SQLite's busy timeout, while another
-# connection opens the same file: try again this often, this long apart.
+# Switching a new file to WAL mode failed at once here, without waiting for SQLite's busy
+# timeout, while another connection was opening the same file. Opening retries that this often.
 WAL_ATTEMPTS: Final = 100
 WAL_RETRY_SECONDS: Final = 0.01
 
@@ -189,8 +189,12 @@ class JobStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 return
             except sqlite3.OperationalError as error:
-                if "locked" not in str(error) or attempt == WAL_ATTEMPTS - 1:
-                    raise sqlite3.OperationalError(f"{self.path}: {error}") from error
+                busy = error.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or attempt == WAL_ATTEMPTS - 1:
+                    raise sqlite3.OperationalError(
+                        f"switching {self.path} to WAL mode failed: {error}; if another "
+                        "process keeps it locked, stop that process and try again"
+                    ) from error
             time.sleep(WAL_RETRY_SECONDS)
 
     def _migrate(self) -> None:

@@ -391,7 +391,8 @@ class Supervisor:
 
         self.state.update(self._outcome(), ended_at=time.time(), usage=self.usage)
         self.state.setdefault("started_at", None)
-        # Logged first: once a reader sees the final state, the log holds every line.
+        # Logged before the final state is written, so that whoever reads that state finds
+        # every line in the log.
         outcome = self.state.get("detail") or f"exit code {self.state.get('exit_code')}"
         log.info("job %s: ended %s (%s)", self.job_id, self.state["status"], outcome)
         jobdir.write_json(os.path.join(self.job_dir, jobdir.STATE_FILE), self.state)
