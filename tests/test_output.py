@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import resource
+import subprocess
 import threading
 import time
 
@@ -205,6 +206,117 @@ def test_writer_keeps_stdout_exactly_up_to_the_cap(tmp_path: str, relay: bool) -
     assert outputlog.read_ranges(str(tmp_path)) == [
         (PATTERN_CAP, PATTERN_CAP + len(marker), outputlog.MARKER)
     ]
+
+
+MIB = 1024**2
+BLOCK = 4096
+
+
+def _allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def _pump_all(
+    job_dir: str, data: bytes, cap: int
+) -> tuple[outputlog.OutputWriter, list[tuple[int, int]]]:
+    """Write ``data`` through a pipe into a log, as the supervisor does.
+
+    Return the writer, still open, and the log's size and allocated bytes after each pump
+    that left it below ``cap``.
+    """
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, outputlog.PIPE_CHUNK)
+
+    def produce() -> None:
+        try:
+            for start in range(0, len(data), MIB):
+                os.write(write_fd, data[start : start + MIB])
+        except BrokenPipeError:
+            pass  # the writer failed, and the test with it
+        finally:
+            os.close(write_fd)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    writer = outputlog.OutputWriter(job_dir, cap)
+    log_path = os.path.join(job_dir, outputlog.LOG_NAME)
+    sizes = []
+    try:
+        while writer.pump(read_fd, outputlog.STDOUT):
+            if not writer.truncated:
+                sizes.append((writer.size, _allocated(log_path)))
+    except BaseException:
+        writer.close()  # so that a file system under the log can be unmounted
+        raise
+    finally:
+        os.close(read_fd)
+        producer.join()
+    return writer, sizes
+
+
+def _most_ahead(sizes: list[tuple[int, int]]) -> int:
+    return max(allocated - size for size, allocated in sizes)
+
+
+def test_writer_allocates_a_large_log_ahead_and_frees_the_rest(tmp_path: str) -> None:
+    data = PATTERN * 7  # 21 MiB
+    log_path = os.path.join(str(tmp_path), outputlog.LOG_NAME)
+    writer, sizes = _pump_all(str(tmp_path), data, 64 * MIB)
+    writer.close()
+
+    assert outputlog.read_log(str(tmp_path)) == data
+    assert _most_ahead(sizes) >= outputlog.RESERVE_CHUNK - outputlog.PIPE_CHUNK
+    # Only ext4's extent blocks may remain above the bytes.
+    assert len(data) <= _allocated(log_path) <= len(data) + 16 * BLOCK
+
+
+def test_writer_allocates_nothing_ahead_of_a_small_log(tmp_path: str) -> None:
+    data = PATTERN[: outputlog.RESERVE_AFTER - 1]
+    writer, sizes = _pump_all(str(tmp_path), data, 64 * MIB)
+    writer.close()
+
+    assert outputlog.read_log(str(tmp_path)) == data
+    assert _most_ahead(sizes) <= BLOCK
+
+
+def test_writer_allocates_nothing_past_the_cap(tmp_path: str) -> None:
+    cap = 12 * MIB + 5
+    data = PATTERN * 7
+    writer, sizes = _pump_all(str(tmp_path), data, cap)
+    writer.close()
+
+    marker = outputlog.truncation_marker(cap, after_newline=False)
+    assert outputlog.read_log(str(tmp_path)) == data[:cap] + marker
+    assert _most_ahead(sizes) >= outputlog.RESERVE_CHUNK - outputlog.PIPE_CHUNK
+    # Only ext4's extent blocks may lie past the cap's last block.
+    assert max(allocated for _size, allocated in sizes) <= cap + BLOCK + 16 * BLOCK
+
+
+def test_writer_when_allocating_ahead_fails(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 4 MiB tmpfs refuses the 8 MiB allocation ahead; the log is still written whole."""
+    small = os.path.join(str(tmp_path), "small")
+    os.mkdir(small)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", small], check=True)
+    try:
+        data = PATTERN  # 3 MiB
+        writer, sizes = _pump_all(small, data, 64 * MIB)
+        writer.close()
+
+        assert outputlog.read_log(small) == data
+        assert _most_ahead(sizes) <= BLOCK
+        assert _allocated(os.path.join(small, outputlog.LOG_NAME)) == len(data)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1
+        assert warnings[0].startswith(
+            "job small: allocating the log's blocks ahead failed, so they are allocated as it "
+            "grows: [Errno 28] fallocate(fd "
+        )
+        assert warnings[0].endswith(f", {outputlog.RESERVE_CHUNK}): No space left on device")
+    finally:
+        subprocess.run(["umount", small], check=True)
+    assert not os.path.ismount(small)
 
 
 async def test_output_without_relay(state_dir: str, tmp_path: str) -> None:

@@ -9,10 +9,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import struct
 from collections.abc import Iterator
 from typing import Final
+
+from .syscalls import reserve_blocks
+
+log = logging.getLogger(__name__)
 
 LOG_NAME: Final = "output.log"
 RANGES_NAME: Final = "output.ranges"
@@ -23,6 +28,11 @@ STREAM_NAMES: Final = {STDOUT: "stdout", STDERR: "stderr", MARKER: "marker"}
 RANGE_RECORD: Final = struct.Struct("<QQB")
 PIPE_CHUNK: Final = 1024 * 1024
 PIPE_SIZE: Final = 1024 * 1024  # the buffer of the job's stdout and stderr pipes and the relay
+# Past this size the log's blocks are allocated ahead of the bytes, RESERVE_CHUNK at a time.
+# Writing into allocated blocks skips ext4's per-page delayed allocation, which otherwise costs
+# about a third of the CPU time of a copy into the page cache. Small logs never pay the call.
+RESERVE_AFTER: Final = 1024 * 1024
+RESERVE_CHUNK: Final = 8 * 1024 * 1024
 TRUNCATION_MARKER: Final = (
     "[jupyter-linuxworker: output truncated at {cap} bytes, the job's output cap; "
     "later output was dropped]\n"
@@ -45,10 +55,11 @@ def truncation_marker(cap: int, after_newline: bool) -> bytes:
 class OutputWriter:
     """Append a job's stdout and stderr to its log until the cap, then drop and mark."""
 
-    def __init__(self, job_dir: str, cap: int, relay: bool = True) -> None:
+    def __init__(self, job_dir: str, cap: int, relay: bool = True, reserve: bool = True) -> None:
         flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         # Read access too: the truncation marker depends on the last byte written.
         self._log = os.open(os.path.join(job_dir, LOG_NAME), flags | os.O_RDWR, 0o640)
+        self.job_id = os.path.basename(os.path.normpath(job_dir))
         # Created with the first stderr byte: most jobs' output needs no range file.
         self._ranges_path = os.path.join(job_dir, RANGES_NAME)
         self._ranges = -1
@@ -58,12 +69,15 @@ class OutputWriter:
         self.relay = relay
         self._relay: tuple[int, int] | None = None  # created with the first stdout bytes
         self._can_splice = True
+        self._reserved = 0  # the end of the blocks allocated ahead of the bytes
+        self._can_reserve = reserve
 
     def pump(self, fd: int, stream: int) -> bool:
         """Move the bytes waiting in ``fd`` into the log; return False at end of file."""
         if self.truncated:
             return bool(os.read(fd, PIPE_CHUNK))
         count = min(PIPE_CHUNK, self.cap - self.size)
+        self._reserve(self.size + count)
         moved = self._splice(fd, count) if stream == STDOUT else -1
         if moved < 0:
             data = os.read(fd, count)
@@ -120,6 +134,27 @@ class OutputWriter:
         self.size += moved
         return moved
 
+    def _reserve(self, end: int) -> None:
+        """Allocate the log's blocks up to past ``end``, at most to the cap, once it is large."""
+        if end <= self._reserved or self.size < RESERVE_AFTER or not self._can_reserve:
+            return
+        start = max(self._reserved, self.size)
+        stop = min(start + RESERVE_CHUNK, self.cap)
+        try:
+            reserve_blocks(self._log, start, stop - start)
+        except OSError as error:
+            # An optimisation only: on a file system without fallocate, or a full disk, which
+            # the writes report themselves, the log is written as it comes.
+            log.warning(
+                "job %s: allocating the log's blocks ahead failed, so they are allocated as "
+                "it grows: %s",
+                self.job_id,
+                error,
+            )
+            self._can_reserve = False
+            return
+        self._reserved = stop
+
     def _open_relay(self) -> tuple[int, int]:
         if self._relay is None:
             relay_read, relay_write = os.pipe2(os.O_CLOEXEC)
@@ -146,7 +181,9 @@ class OutputWriter:
         self._append(truncation_marker(self.cap, last_byte == b"\n"), MARKER)
 
     def close(self) -> None:
-        """Flush the log to disk and close it."""
+        """Free the blocks allocated past the end, flush the log to disk and close it."""
+        if self._reserved > self.size:
+            os.ftruncate(self._log, self.size)
         os.fsync(self._log)
         os.close(self._log)
         for fd in self._relay or ():

@@ -242,6 +242,21 @@ def limit_capabilities(keep: frozenset[int], last_cap: int) -> None:
     _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
+# fallocate modes from <linux/falloc.h>.
+FALLOC_FL_KEEP_SIZE: Final = 0x1
+
+
+def reserve_blocks(fd: int, offset: int, length: int) -> None:
+    """Allocate the blocks of ``length`` bytes at ``offset`` of file ``fd``, keeping its size."""
+    result = _libc.fallocate64(
+        ctypes.c_int(fd),
+        ctypes.c_int(FALLOC_FL_KEEP_SIZE),
+        ctypes.c_int64(offset),
+        ctypes.c_int64(length),
+    )
+    _check(result, f"fallocate(fd {fd}, FALLOC_FL_KEEP_SIZE, {offset}, {length})")
+
+
 PR_SET_NAME: Final = 15
 _STAT_ARG_START: Final = 45  # fields 48 and 49 of /proc/self/stat, counted after the ')'
 
