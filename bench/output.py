@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,11 +15,14 @@ from typing import Any
 
 from common import BENCH_DIR, GIB, Api, Samples
 
+from jupyter_linuxworker.sandbox import outputlog
+
 # The producer is busybox dd with 1 MiB blocks, the same binary in the job and on the host
 # (the image's /bin/busybox). The image's busybox head rejects "1G" and copies 4 KiB at a
 # time, which caps it near 150 MB/s on a 2-core test machine. It is measured once, as
 # HEAD_COMMAND.
-PRODUCE = "dd if=/dev/zero bs=1M count=1024 2>/dev/null"
+PRODUCE_ARGV = ("dd", "if=/dev/zero", "bs=1M", "count=1024")
+PRODUCE = " ".join(PRODUCE_ARGV) + " 2>/dev/null"
 JOB_COMMAND = PRODUCE
 HEAD_COMMAND = f"head -c {GIB} /dev/zero"
 OUTPUT_CAP = "2G"
@@ -110,6 +114,10 @@ class OutputResults:
     file_path: str = ""
     head_pipe: float | None = None  # busybox head piped to cat on the host, seconds
     head_one: float | None = None  # busybox head in a job to one follower, seconds
+    # CPU seconds of the supervisor's log writer alone on 1 GiB, with the log's blocks
+    # allocated ahead of its bytes (the default) and without: the figures before that change.
+    writer_cpu: Samples = field(default_factory=Samples)
+    writer_cpu_unreserved: Samples = field(default_factory=Samples)
 
 
 def time_shell(command: str) -> float:
@@ -280,6 +288,36 @@ def job_alone(api: Api, state_dir: str, results: OutputResults) -> tuple[float, 
     return (ended if logged is None else logged), ended
 
 
+def log_writer_cpu(busybox: str, folder: str, reserve: bool) -> float:
+    """Return the CPU seconds the supervisor's log writer takes to log 1 GiB of busybox dd.
+
+    The writer runs in this thread, fed through a pipe the size of a job's, so the thread's
+    CPU time is the writer's alone. The final fsync is not timed.
+    """
+    job_dir = os.path.join(folder, "bench-log-writer")
+    os.makedirs(job_dir)
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    outputlog.set_pipe_size(write_fd)
+    producer = subprocess.Popen(
+        [busybox, *PRODUCE_ARGV], stdout=write_fd, stderr=subprocess.DEVNULL
+    )
+    os.close(write_fd)
+    try:
+        writer = outputlog.OutputWriter(job_dir, 2 * GIB, reserve=reserve)
+        started = time.thread_time()
+        while writer.pump(read_fd, outputlog.STDOUT):
+            pass
+        seconds = time.thread_time() - started
+        writer.close()
+        if writer.size != GIB:
+            raise RuntimeError(f"the log writer logged {writer.size} bytes, expected {GIB}")
+        return seconds
+    finally:
+        os.close(read_fd)
+        producer.wait()
+        shutil.rmtree(job_dir)
+
+
 def alone_then_one(
     server: ServerUnderTest, results: OutputResults
 ) -> tuple[tuple[float, float] | None, list[dict[str, Any]] | None]:
@@ -315,6 +353,11 @@ def run(
         os.remove(results.file_path)
         os.sync()
         results.pipe.add(time_shell(pipe_command(busybox)))
+
+        for reserve in (True, False) if index % 2 else (False, True):
+            os.sync()
+            samples = results.writer_cpu if reserve else results.writer_cpu_unreserved
+            samples.add(log_writer_cpu(busybox, server.state_dir, reserve))
 
         alone, reports = alone_then_one(server, results)
         if alone is not None:

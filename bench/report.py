@@ -16,7 +16,7 @@ from common import GIB, MB, LoadWindow, Samples, ms, table, verdict
 from peers import bwrap_argv, unshare_argv
 from start import COMMAND, ENGINE, ENGINE_EXEC, ENGINE_FORK, PEER_COMMAND, StartResults
 
-from jupyter_linuxworker.sandbox.outputlog import PIPE_SIZE
+from jupyter_linuxworker.sandbox.outputlog import PIPE_SIZE, RESERVE_AFTER, RESERVE_CHUNK
 
 # The reason shown for a section that did not run: only --only leaves one out without an error.
 NOT_RUN = "skipped (--only)"
@@ -304,6 +304,14 @@ def _output_section(run: Run, lines: list[str]) -> None:
         extra.append(
             "Through the server without sendfile: "
             f"{results.plain_one_server_cpu.p(50):.2f} s of CPU per GiB to one follower (median)."
+        )
+    if results.writer_cpu.count and results.writer_cpu_unreserved.count:
+        extra.append(
+            "The supervisor's log writer, run alone in the harness on the same 1 GiB of dd "
+            f"through a 1 MiB pipe, used {results.writer_cpu.p(50):.3f} s of CPU with the log's "
+            f"blocks allocated ahead of its bytes and {results.writer_cpu_unreserved.p(50):.3f} s "
+            f"without ({_count(results.writer_cpu.count, 'run')} each, medians; p10 "
+            f"{results.writer_cpu.p(10):.3f} s and {results.writer_cpu_unreserved.p(10):.3f} s)."
         )
     if results.head_one is not None and results.head_pipe is not None:
         extra.append(
@@ -869,6 +877,15 @@ def _changes_section(run: Run) -> list[str]:
                 f"{output.direct_alone.p(50):.2f} s; 1 follower {output.direct_one.p(50):.2f} s",
                 f"{output.no_follower_logged.p(50):.2f} s, {output.no_follower.p(50):.2f} s; "
                 f"{output.one_follower.p(50):.2f} s",
+            )
+        )
+    if output is not None and output.writer_cpu.count and output.writer_cpu_unreserved.count:
+        rows.append(
+            (
+                f"the log's blocks allocated {RESERVE_CHUNK // 1024**2} MiB ahead of its bytes, "
+                f"once it passes {RESERVE_AFTER // 1024**2} MiB",
+                f"log writer alone: {output.writer_cpu_unreserved.p(50):.3f} s of CPU per GiB",
+                f"{output.writer_cpu.p(50):.3f} s",
             )
         )
     if rows:
