@@ -562,6 +562,8 @@ def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
             f"CPU, {single.followers_system.p(50) / single.followers.p(50):.0%} of it in the "
             "kernel, so it cannot finish sooner than that."
         )
+        if results.writer_cpu.count:
+            text.append(_one_follower_floor(results, cpus))
     if several.window.count and results.one_follower.count:
         delivery = several.server.p(50) + several.followers.p(50)
         floor = delivery / cpus
@@ -575,6 +577,25 @@ def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
     if text:
         lines.append(" ".join(text) + "\n")
     return lines
+
+
+def _one_follower_floor(results: output_bench.OutputResults, cpus: int) -> str:
+    """Return the shortest one-follower time that this run's CPU figures allow."""
+    single = results.one_cpu
+    job, writer = single.job.p(50), results.writer_cpu.p(50)
+    server, follower = single.server.p(50), single.followers.p(50)
+    server_system = single.delivery_system.p(50) - single.followers_system.p(50)
+    total = job + writer + server + follower
+    floor = total / cpus
+    return (
+        f"Leaving out the harness, interrupts and kernel threads, the job ({job:.2f} s), the "
+        f"log writer's copy into the page cache ({writer:.2f} s, timed alone above), the "
+        f"server ({server:.2f} s, {server_system / server:.0%} of it in the kernel) "
+        f"and the follower ({follower:.2f} s) need {total:.2f} s of CPU: at least "
+        f"{floor:.2f} s on {cpus} CPUs, or at best "
+        f"{results.file_write.p(50) / floor:.2f} times the file-write rate, where the target "
+        f"is {FOLLOWER_SHARE_OF_FILE_WRITE:g} times."
+    )
 
 
 def _scale_section(run: Run, lines: list[str]) -> None:
