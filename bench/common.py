@@ -289,6 +289,41 @@ def file_system(path: str) -> str:
     return "ext4 without a journal"
 
 
+# Feature bit of a virtio balloon that reports free guest memory to the host (the virtio
+# specification, VIRTIO_BALLOON_F_FREE_PAGE_REPORTING).
+BALLOON_FREE_PAGE_REPORTING = 5
+BALLOON_DEVICES = "/sys/bus/virtio/drivers/virtio_balloon"
+PAGE_REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
+
+
+def free_page_reporting() -> str:
+    """Say whether this machine hands free memory back to its host, from its balloon devices."""
+    try:
+        devices = [name for name in os.listdir(BALLOON_DEVICES) if name.startswith("virtio")]
+    except OSError:
+        devices = []
+    for device in devices:
+        try:
+            with open(os.path.join(BALLOON_DEVICES, device, "features"), encoding="ascii") as file:
+                features = file.read().strip()
+        except OSError:
+            continue
+        if (
+            len(features) > BALLOON_FREE_PAGE_REPORTING
+            and features[BALLOON_FREE_PAGE_REPORTING] == "1"
+        ):
+            try:
+                with open(PAGE_REPORTING_ORDER, encoding="ascii") as file:
+                    order = int(file.read())
+            except (OSError, ValueError):
+                return "yes (virtio balloon free page reporting)"
+            block = 4 * 2**order // 1024
+            return (
+                f"yes (virtio balloon free page reporting, in free blocks of {block} MiB or more)"
+            )
+    return "no virtio balloon that reports free memory"
+
+
 def machine_facts(state_dir: str) -> list[tuple[str, str]]:
     """Return (name, value) pairs that describe this machine and the tools compared."""
     model = ""
@@ -314,6 +349,7 @@ def machine_facts(state_dir: str) -> list[tuple[str, str]]:
         ("kernel", f"{platform.release()} ({os_name})"),
         ("cgroups", cgroup_layout()),
         ("state folder disk", f"{disk.split()[0]} {file_system(state_dir)}" if disk else "unknown"),
+        ("free memory handed back to the host", free_page_reporting()),
         ("Python", sys.version.split()[0]),
         ("bwrap", _first_line(["bwrap", "--version"])),
         ("crun", _first_line(["crun", "--version"])),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,6 +32,10 @@ ALONE_POLL = 0.01
 # How often the machine's busy CPU time is read during a followed run. /proc/stat counts in
 # 10 ms ticks per CPU, so reading it more often gains nothing.
 CPU_SAMPLE_INTERVAL = 0.01
+# How long memory stays free before the runs that show what recycling the page cache avoids.
+# The kernel reports free memory to the host 2 s after it is freed.
+IDLE_SECONDS = 5
+IDLE_RUNS = 3
 
 
 def host_command(busybox: str, command: str) -> str:
@@ -118,6 +123,8 @@ class OutputResults:
     # allocated ahead of its bytes (the default) and without: the figures before that change.
     writer_cpu: Samples = field(default_factory=Samples)
     writer_cpu_unreserved: Samples = field(default_factory=Samples)
+    # The same, with blocks allocated ahead, after memory stayed free for IDLE_SECONDS.
+    writer_cpu_idle: Samples = field(default_factory=Samples)
 
 
 def time_shell(command: str) -> float:
@@ -318,13 +325,34 @@ def log_writer_cpu(busybox: str, folder: str, reserve: bool) -> float:
         shutil.rmtree(job_dir)
 
 
+def recycle_page_cache(busybox: str, folder: str) -> None:
+    """Write 1 GiB to a file in ``folder`` and delete it, so that the next gigabyte of page
+    cache reuses the memory this frees.
+
+    A virtual machine that reports free memory to its host (virtio free page reporting) hands
+    back memory that stays free for a few seconds, and the next write faults it in again at
+    several times the cost. How long memory stayed free differs from one run to the next, so
+    every timed path that fills the page cache starts right after this.
+    """
+    path = os.path.join(folder, "bench-recycle")
+    subprocess.run(["/bin/sh", "-c", file_write_command(busybox, path)], check=True)
+    os.remove(path)
+
+
+def idle_log_writer_cpu(busybox: str, folder: str) -> float:
+    """Return the log writer's CPU seconds on 1 GiB after memory stayed free for a while."""
+    recycle_page_cache(busybox, folder)
+    time.sleep(IDLE_SECONDS)
+    return log_writer_cpu(busybox, folder, reserve=True)
+
+
 def alone_then_one(
-    server: ServerUnderTest, results: OutputResults
+    server: ServerUnderTest, results: OutputResults, settle: Callable[[], None]
 ) -> tuple[tuple[float, float] | None, list[dict[str, Any]] | None]:
-    """Time a job that no one follows, then one with one follower, each after a sync."""
-    os.sync()
+    """Time a job that no one follows, then one with one follower, each after ``settle``."""
+    settle()
     alone = job_alone(server.api, server.state_dir, results)
-    os.sync()
+    settle()
     return alone, stream_once(server.api, JOB_COMMAND, 1, results, server.pid)
 
 
@@ -345,21 +373,26 @@ def run(
     """
     results = OutputResults(runs=runs, many_runs=many_runs, followers=followers)
     results.file_path = os.path.join(server.state_dir, "bench-write-test")
-    for index in range(runs):
-        # Each measurement starts after a sync, so the writeback of the gigabyte before it
-        # does not land in its time.
+
+    def settle() -> None:
+        # The sync keeps the writeback of the gigabyte before out of the next time, and the
+        # recycled page cache keeps the host's page faults out of it.
         os.sync()
+        recycle_page_cache(busybox, server.state_dir)
+
+    for index in range(runs):
+        settle()
         results.file_write.add(time_shell(file_write_command(busybox, results.file_path)))
         os.remove(results.file_path)
         os.sync()
         results.pipe.add(time_shell(pipe_command(busybox)))
 
         for reserve in (True, False) if index % 2 else (False, True):
-            os.sync()
+            settle()
             samples = results.writer_cpu if reserve else results.writer_cpu_unreserved
             samples.add(log_writer_cpu(busybox, server.state_dir, reserve))
 
-        alone, reports = alone_then_one(server, results)
+        alone, reports = alone_then_one(server, results, settle)
         if alone is not None:
             results.no_follower_logged.add(alone[0])
             results.no_follower.add(alone[1])
@@ -371,7 +404,7 @@ def run(
             results.one_server_cpu.add(reports[0]["server_cpu_per_gib"])
             results.one_cpu.add(reports[0]["split"])
         if index < many_runs:
-            os.sync()
+            settle()
             reports = stream_once(server.api, JOB_COMMAND, followers, results, server.pid)
             if reports:
                 times = [report["to_last_byte"] for report in reports]
@@ -384,26 +417,32 @@ def run(
                 results.many_cpu.add(reports[0]["split"])
 
         if plain is not None:
-            os.sync()
+            settle()
             reports = stream_once(plain.api, JOB_COMMAND, 1, results, plain.pid)
             if reports:
                 results.plain_one.add(reports[0]["to_last_byte"])
                 results.plain_one_server_cpu.add(reports[0]["server_cpu_per_gib"])
             if index < many_runs:
-                os.sync()
+                settle()
                 reports = stream_once(plain.api, JOB_COMMAND, followers, results, plain.pid)
                 if reports:
                     results.plain_many_slowest.add(max(r["to_last_byte"] for r in reports))
 
         if direct is not None:
-            alone, reports = alone_then_one(direct, results)
+            alone, reports = alone_then_one(direct, results, settle)
             if alone is not None:
                 results.direct_logged.add(alone[0])
                 results.direct_alone.add(alone[1])
             if reports:
                 results.direct_one.add(reports[0]["to_last_byte"])
 
+    # What recycling avoids: the log writer after memory stayed free, as without it.
+    for _ in range(IDLE_RUNS):
+        os.sync()
+        results.writer_cpu_idle.add(idle_log_writer_cpu(busybox, server.state_dir))
+
     # `head -c` as the producer, once, in the job and on the host: slow, but a common command.
+    settle()
     results.head_pipe = time_shell(f"{host_command(busybox, HEAD_COMMAND)} | cat > /dev/null")
     reports = stream_once(server.api, HEAD_COMMAND, 1, results, server.pid)
     if reports:

@@ -242,7 +242,8 @@ def _output_section(run: Run, lines: list[str]) -> None:
         f"{_count(results.runs, 'run')} of the file write, the pipe, the job with no follower "
         f"and with one, and {_count(results.many_runs, 'run')} with {results.followers} "
         "followers, alternating, "
-        "each after a `sync`. A follower's time runs from the `POST jobs` to the last of the "
+        "each after a `sync`; each path that fills the page cache also starts on recycled "
+        "memory (see below). A follower's time runs from the `POST jobs` to the last of the "
         "1073741824 bytes it receives; every follower must receive every byte. MB/s are 10^6 "
         "bytes per second, at the median time.\n"
     )
@@ -312,6 +313,17 @@ def _output_section(run: Run, lines: list[str]) -> None:
             f"blocks allocated ahead of its bytes and {results.writer_cpu_unreserved.p(50):.3f} s "
             f"without ({_count(results.writer_cpu.count, 'run')} each, medians; p10 "
             f"{results.writer_cpu.p(10):.3f} s and {results.writer_cpu_unreserved.p(10):.3f} s)."
+        )
+    if results.writer_cpu_idle.count and results.writer_cpu.count:
+        extra.append(
+            f"After memory stayed free for {output_bench.IDLE_SECONDS} s, the same writer used "
+            f"{results.writer_cpu_idle.p(50):.3f} s "
+            f"({_count(results.writer_cpu_idle.count, 'run')}, median), "
+            f"{results.writer_cpu_idle.p(50) / results.writer_cpu.p(50):.1f} times as much: "
+            "this machine hands memory that stays free back to its host (see the machine "
+            "table), which most likely has to fault it in again on the next write. So every timed "
+            "path that fills the page cache starts right after 1 GiB was written to a file in "
+            "the state folder and deleted, and reuses that memory."
         )
     if results.head_one is not None and results.head_pipe is not None:
         extra.append(
@@ -466,9 +478,8 @@ def _output_limits(results: output_bench.OutputResults) -> list[str]:
     if wide:
         lines.append(
             f"The times of {_join(wide)} spread more than {WIDE_SPREAD:g}-fold between p10 "
-            "and p90 in this run: each 1 GiB of new page cache is sometimes fast and sometimes "
-            "several times slower to allocate on this machine, so a median can land on either "
-            "side. The p10 row above compares the fast runs of each path, and the targets "
+            "and p90 in this run, recycled page cache notwithstanding, so a median can land on "
+            "either side. The p10 row above compares the fast runs of each path, and the targets "
             "table judges the two output targets at the medians and at the p10 times, and calls "
             "a target unstable where the two disagree.\n"
         )
