@@ -308,18 +308,16 @@ def free_page_reporting() -> str:
                 features = file.read().strip()
         except OSError:
             continue
-        if (
-            len(features) > BALLOON_FREE_PAGE_REPORTING
-            and features[BALLOON_FREE_PAGE_REPORTING] == "1"
-        ):
+        if features[BALLOON_FREE_PAGE_REPORTING : BALLOON_FREE_PAGE_REPORTING + 1] == "1":
             try:
                 with open(PAGE_REPORTING_ORDER, encoding="ascii") as file:
                     order = int(file.read())
             except (OSError, ValueError):
                 return "yes (virtio balloon free page reporting)"
-            block = 4 * 2**order // 1024
+            block = os.sysconf("SC_PAGE_SIZE") * 2**order
             return (
-                f"yes (virtio balloon free page reporting, in free blocks of {block} MiB or more)"
+                "yes (virtio balloon free page reporting, in free blocks of "
+                f"{block / 1024**2:g} MiB or more)"
             )
     return "no virtio balloon that reports free memory"
 

@@ -33,7 +33,6 @@ ALONE_POLL = 0.01
 # 10 ms ticks per CPU, so reading it more often gains nothing.
 CPU_SAMPLE_INTERVAL = 0.01
 # How long memory stays free before the runs that show what recycling the page cache avoids.
-# The kernel reports free memory to the host 2 s after it is freed.
 IDLE_SECONDS = 5
 IDLE_RUNS = 3
 
@@ -329,10 +328,11 @@ def recycle_page_cache(busybox: str, folder: str) -> None:
     """Write 1 GiB to a file in ``folder`` and delete it, so that the next gigabyte of page
     cache reuses the memory this frees.
 
-    A virtual machine that reports free memory to its host (virtio free page reporting) hands
-    back memory that stays free for a few seconds, and the next write faults it in again at
-    several times the cost. How long memory stayed free differs from one run to the next, so
-    every timed path that fills the page cache starts right after this.
+    On a virtual machine that reports free memory to its host (virtio free page reporting),
+    writing into memory that stayed free for a few seconds costs several times as much as
+    writing into memory freed just before: the output section measures both. How long memory
+    stayed free differs from one run to the next, so every timed path that fills the page
+    cache starts right after this.
     """
     path = os.path.join(folder, "bench-recycle")
     subprocess.run(["/bin/sh", "-c", file_write_command(busybox, path)], check=True)
