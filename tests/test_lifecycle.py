@@ -10,6 +10,7 @@ import time
 
 from conftest import assert_no_leftovers, processes_with_cmdline, wait_for_exit
 
+from jupyter_linuxworker.sandbox import outputlog
 from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 from jupyter_linuxworker.sandbox.manager import JobManager
 from jupyter_linuxworker.sandbox.store import JobStatus
@@ -269,6 +270,29 @@ async def test_supervisor_killed_job_is_lost(manager: JobManager) -> None:
     assert record.reason == "lost"
     assert not manager.cgroups.for_job(job.id).exists()
     assert processes_with_cmdline("sleep", "600") == []
+
+
+async def test_lost_job_keeps_no_blocks_past_its_log(manager: JobManager) -> None:
+    size = 3 * 1024**2
+    job = await manager.submit({"command": "dd if=/dev/zero bs=1M count=3 2>/dev/null; sleep 600"})
+    log_path = os.path.join(manager.jobs_dir, job.id, outputlog.LOG_NAME)
+    deadline = time.monotonic() + 5
+    while manager.get(job.id).output_size < size and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    # The supervisor allocated the log's blocks ahead of its bytes.
+    assert os.stat(log_path).st_blocks * 512 > size + 4096
+    supervisor = manager.store.supervisor(job.id)
+    assert supervisor is not None
+
+    os.kill(supervisor[0], signal.SIGKILL)
+    record = await manager.wait(job.id, timeout=5)
+
+    assert record.status == JobStatus.LOST
+    assert record.output_size == size
+    assert manager.read_output(job.id) == bytes(size)
+    assert size <= os.stat(log_path).st_blocks * 512 <= size + 4 * 4096
+    assert processes_with_cmdline("sleep", "600") == []
+    assert_no_leftovers(manager)
 
 
 async def test_lost_while_no_manager_runs(state_dir: str) -> None:

@@ -682,6 +682,7 @@ class JobManager:
             "job %s: its supervisor ended without recording an end; marking it LOST", record.id
         )
         self._remove_cgroup(record.id)
+        outputlog.free_blocks_past_end(self._job_dir(record.id))
         lost = record.with_changes(
             status=JobStatus.LOST,
             reason="lost",

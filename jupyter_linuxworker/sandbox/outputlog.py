@@ -266,6 +266,14 @@ def read_log(job_dir: str, offset: int = 0, size: int = -1) -> bytes:
         os.close(fd)
 
 
+def free_blocks_past_end(job_dir: str) -> None:
+    """Free the blocks that a writer which never closed the log allocated past its end."""
+    path = os.path.join(job_dir, LOG_NAME)
+    with contextlib.suppress(FileNotFoundError):
+        # A truncation to the same size frees them: ext4 and tmpfs both do.
+        os.truncate(path, os.stat(path).st_size)
+
+
 def log_size(job_dir: str) -> int:
     """Return the current size of the log in bytes (0 before it exists)."""
     try:
