@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -10,6 +12,7 @@ import resource
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from conftest import assert_no_leftovers
@@ -292,31 +295,161 @@ def test_writer_allocates_nothing_past_the_cap(tmp_path: str) -> None:
     assert max(allocated for _size, allocated in sizes) <= cap + BLOCK + 16 * BLOCK
 
 
-def test_writer_when_allocating_ahead_fails(
+@contextlib.contextmanager
+def _small_file_system(tmp_path: str, kind: str, size: str) -> Iterator[str]:
+    """Mount a ``size`` tmpfs, or an ext2 image, which has no fallocate, on a new folder."""
+    target = os.path.join(tmp_path, f"small-{kind}")
+    os.mkdir(target)
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", target], check=True)
+    else:
+        image = os.path.join(tmp_path, "small.img")
+        subprocess.run(["truncate", "-s", size, image], check=True)
+        subprocess.run(["mkfs.ext2", "-q", "-F", "-b", "4096", image], check=True)
+        subprocess.run(["mount", "-o", "loop", image, target], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", target], check=True)
+        assert not os.path.ismount(target)
+
+
+def _pump_in_steps(
+    job_dir: str, data: bytes, stream: int, reserve: bool = True, cap: int = 64 * MIB
+) -> outputlog.OutputWriter:
+    """Write ``data`` into a log through a pipe, one MiB at a time, each pumped whole."""
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, outputlog.PIPE_CHUNK)
+    writer = outputlog.OutputWriter(job_dir, cap, reserve=reserve)
+    try:
+        for start in range(0, len(data), MIB):
+            os.write(write_fd, data[start : start + MIB])
+            assert writer.pump(read_fd, stream) is True
+        os.close(write_fd)
+        write_fd = -1
+        while writer.pump(read_fd, stream):
+            pass
+    finally:
+        writer.close()
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+    return writer
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+
+
+def test_writer_where_allocating_ahead_is_unsupported(
     tmp_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A 4 MiB tmpfs refuses the 8 MiB allocation ahead; the log is still written whole."""
-    small = os.path.join(str(tmp_path), "small")
-    os.mkdir(small)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", small], check=True)
-    try:
+    """ext2 has no fallocate: the log is written whole, as it comes."""
+    with _small_file_system(str(tmp_path), "ext2", "16M") as small:
         data = PATTERN  # 3 MiB
         writer, sizes = _pump_all(small, data, 64 * MIB)
         writer.close()
 
         assert outputlog.read_log(small) == data
         assert _most_ahead(sizes) <= BLOCK
-        assert _allocated(os.path.join(small, outputlog.LOG_NAME)) == len(data)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1
         assert warnings[0].startswith(
-            "job small: allocating the log's blocks ahead failed, so they are allocated as it "
-            "grows: [Errno 28] fallocate(fd "
+            f"job {os.path.basename(small)}: allocating the log's blocks ahead failed, so they "
+            "are allocated as it grows: [Errno 95] fallocate(fd "
         )
-        assert warnings[0].endswith(f", {outputlog.RESERVE_CHUNK}): No space left on device")
-    finally:
-        subprocess.run(["umount", small], check=True)
-    assert not os.path.ismount(small)
+        assert warnings[0].endswith(f", {outputlog.RESERVE_CHUNK}): Operation not supported")
+
+
+def test_writer_stops_where_room_runs_out(tmp_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """With 16 MiB of room, the second 8 MiB step fails: the log ends where its blocks end."""
+    with _small_file_system(str(tmp_path), "tmpfs", "16m") as small:
+        data = PATTERN * 4  # 12 MiB
+        writer = _pump_in_steps(small, data, outputlog.STDOUT)
+
+        end = 9 * MIB  # 1 MiB, then one step of 8 MiB
+        marker = (
+            b"\n[jupyter-linuxworker: output stopped at 9437184 bytes, since the log could not "
+            b"grow (No space left on device); later output was dropped]\n"
+        )
+        assert writer.truncated is True
+        assert outputlog.read_log(small) == data[:end] + marker
+        assert outputlog.read_ranges(small) == [(end, end + len(marker), outputlog.MARKER)]
+        assert _errors(caplog) == [
+            f"job small-tmpfs: the log stops at {end} bytes, since its file system has no "
+            "room for more: [Errno 28] fallocate(fd "
+            + _errors(caplog)[0].split("fallocate(fd ", 1)[1]
+        ]
+        assert _errors(caplog)[0].endswith(
+            f", {end}, {outputlog.RESERVE_CHUNK}): No space left on device; later output is dropped"
+        )
+        # The room the log did not take stays free, for the job's state and others.
+        free = os.statvfs(small)
+        assert free.f_bavail * free.f_frsize >= 6 * MIB
+
+
+@pytest.mark.parametrize("stream", [outputlog.STDOUT, outputlog.STDERR])
+def test_writer_stops_where_a_write_fails(
+    tmp_path: str, caplog: pytest.LogCaptureFixture, stream: int
+) -> None:
+    """Without blocks allocated ahead, the write that finds no room ends the log."""
+    with _small_file_system(str(tmp_path), "tmpfs", "4m") as small:
+        data = PATTERN * 2  # 6 MiB
+        writer = _pump_in_steps(small, data, stream, reserve=False)
+
+        # On a tmpfs each file takes whole pages: stderr's range file takes one of the 1024.
+        end = 4 * MIB if stream == outputlog.STDOUT else 4 * MIB - BLOCK
+        assert writer.truncated is True
+        assert writer.size == end
+        assert outputlog.read_log(small) == data[:end]
+        expected_ranges = [] if stream == outputlog.STDOUT else [(0, end, outputlog.STDERR)]
+        assert outputlog.read_ranges(small) == expected_ranges
+        assert _errors(caplog) == [
+            f"job small-tmpfs: the log stops at {end} bytes, since its file system has no "
+            "room for more: [Errno 28] No space left on device; later output is dropped",
+            "job small-tmpfs: the marker at the end of the log did not fit: [Errno 28] No space "
+            "left on device",
+        ]
+
+
+def test_writer_at_the_cap_without_room_for_the_marker(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _small_file_system(str(tmp_path), "tmpfs", "4m") as small:
+        data = PATTERN * 2  # 6 MiB
+        writer = _pump_in_steps(small, data, outputlog.STDOUT, reserve=False, cap=4 * MIB)
+
+        assert writer.truncated is True
+        assert outputlog.read_log(small) == data[: 4 * MIB]
+        assert _errors(caplog) == [
+            "job small-tmpfs: the marker at the end of the log did not fit: [Errno 28] No space "
+            "left on device",
+        ]
+
+
+async def test_job_filling_the_state_folder(tmp_path: str) -> None:
+    """The log stops with a marker; the job runs on, and its end and the next job are kept."""
+    with _small_file_system(str(tmp_path), "tmpfs", "40m") as small:
+        state = os.path.join(small, "state")
+        async with JobManager(state, volume_roots=[str(tmp_path)], grace=1.0) as full:
+            command = "dd if=/dev/zero bs=1M count=100 2>/dev/null; echo after >&2; exit 3"
+            job = await full.submit({"command": command, "output_cap": "1G"})
+            record = await full.wait(job.id, timeout=30)
+
+            data = full.read_output(job.id)
+            size = data.index(b"\n[jupyter-linuxworker: output stopped at ")
+            no_room = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            assert record.status == JobStatus.FAILED
+            assert record.exit_code == 3
+            assert record.output_truncated is True
+            assert record.output_size == len(data)
+            assert data == bytes(size) + outputlog.disk_full_marker(size, no_room, False)
+            assert outputlog.RESERVE_CHUNK <= size <= 40 * MIB
+
+            second = await full.submit({"command": "echo ok"})
+            assert (await full.wait(second.id, timeout=10)).status == JobStatus.COMPLETED
+            assert full.read_output(second.id) == b"ok\n"
+            assert_no_leftovers(full)
 
 
 async def test_output_without_relay(state_dir: str, tmp_path: str) -> None:

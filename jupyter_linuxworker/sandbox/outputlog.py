@@ -37,6 +37,13 @@ TRUNCATION_MARKER: Final = (
     "[jupyter-linuxworker: output truncated at {cap} bytes, the job's output cap; "
     "later output was dropped]\n"
 )
+DISK_FULL_MARKER: Final = (
+    "[jupyter-linuxworker: output stopped at {size} bytes, since the log could not grow "
+    "({error}); later output was dropped]\n"
+)
+# Errors of a write that the file system refuses for lack of room. The log stops there, as at
+# the cap, and the job goes on: the job did nothing wrong, and its end must still be recorded.
+DISK_FULL_ERRORS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def set_pipe_size(fd: int) -> None:
@@ -49,6 +56,12 @@ def set_pipe_size(fd: int) -> None:
 def truncation_marker(cap: int, after_newline: bool) -> bytes:
     """Return the marker appended to a log that reached its cap of ``cap`` bytes."""
     text = TRUNCATION_MARKER.format(cap=cap)
+    return (text if after_newline else "\n" + text).encode()
+
+
+def disk_full_marker(size: int, error: OSError, after_newline: bool) -> bytes:
+    """Return the marker appended to a log that stopped at ``size`` bytes for lack of room."""
+    text = DISK_FULL_MARKER.format(size=size, error=os.strerror(error.errno or 0))
     return (text if after_newline else "\n" + text).encode()
 
 
@@ -71,22 +84,36 @@ class OutputWriter:
         self._can_splice = True
         self._reserved = 0  # the end of the blocks allocated ahead of the bytes
         self._can_reserve = reserve
+        # Where the log ends: the cap, or less once its file system has run out of room.
+        self._limit = cap
+        self._disk_full: OSError | None = None
+        self._ranges_valid = 0  # the length of the range file's complete, true records
 
     def pump(self, fd: int, stream: int) -> bool:
         """Move the bytes waiting in ``fd`` into the log; return False at end of file."""
         if self.truncated:
             return bool(os.read(fd, PIPE_CHUNK))
-        count = min(PIPE_CHUNK, self.cap - self.size)
-        self._reserve(self.size + count)
-        moved = self._splice(fd, count) if stream == STDOUT else -1
-        if moved < 0:
-            data = os.read(fd, count)
-            self._append(data, stream)
-            moved = len(data)
+        self._reserve(self.size + min(PIPE_CHUNK, self._limit - self.size))
+        count = min(PIPE_CHUNK, self._limit - self.size)
+        if count <= 0:
+            # Room ran out before these bytes: the log ends, and they are dropped.
+            self._end()
+            return bool(os.read(fd, PIPE_CHUNK))
+        try:
+            moved = self._splice(fd, count) if stream == STDOUT else -1
+            if moved < 0:
+                data = os.read(fd, count)
+                self._append(data, stream)
+                moved = len(data)
+        except OSError as error:
+            if error.errno not in DISK_FULL_ERRORS:
+                raise
+            self._stop_for_room(error)
+            return True
         if moved == 0:
             return False
-        if self.size >= self.cap:
-            self._truncate()
+        if self.size >= self._limit:
+            self._end()
         return True
 
     def _splice(self, fd: int, count: int) -> int:
@@ -143,8 +170,15 @@ class OutputWriter:
         try:
             reserve_blocks(self._log, start, stop - start)
         except OSError as error:
-            # An optimisation only: on a file system without fallocate, or a full disk, which
-            # the writes report themselves, the log is written as it comes.
+            if error.errno in DISK_FULL_ERRORS:
+                # Less room than one step is left: the log ends where its blocks end, and
+                # what room there is stays for the job's state and everyone else's.
+                self._limit = max(self._reserved, self.size)
+                self._disk_full = error
+                self._can_reserve = False
+                return
+            # An optimisation only: on a file system without fallocate, the log is written as
+            # it comes.
             log.warning(
                 "job %s: allocating the log's blocks ahead failed, so they are allocated as "
                 "it grows: %s",
@@ -166,19 +200,65 @@ class OutputWriter:
         if not data:
             return
         if stream != STDOUT:
-            if self._ranges < 0:
-                flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_WRONLY | os.O_APPEND
-                self._ranges = os.open(self._ranges_path, flags, 0o640)
-            os.write(self._ranges, RANGE_RECORD.pack(self.size, self.size + len(data), stream))
+            self._write_range(self.size, self.size + len(data), stream)
         written = 0
-        while written < len(data):
-            written += os.pwrite(self._log, data[written:], self.size + written)
-        self.size += len(data)
+        try:
+            while written < len(data):
+                written += os.pwrite(self._log, data[written:], self.size + written)
+        finally:
+            if written < len(data) and stream != STDOUT:
+                # The record claims bytes that never came: it gives way to a true one.
+                self._ranges_valid -= RANGE_RECORD.size
+                os.ftruncate(self._ranges, self._ranges_valid)
+                if written:
+                    self._write_range(self.size, self.size + written, stream)
+            self.size += written
 
-    def _truncate(self) -> None:
-        last_byte = os.pread(self._log, 1, self.size - 1)
+    def _write_range(self, start: int, end: int, stream: int) -> None:
+        if self._ranges < 0:
+            flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_WRONLY | os.O_APPEND
+            self._ranges = os.open(self._ranges_path, flags, 0o640)
+        try:
+            written = os.write(self._ranges, RANGE_RECORD.pack(start, end, stream))
+        except OSError:
+            os.ftruncate(self._ranges, self._ranges_valid)
+            raise
+        if written != RANGE_RECORD.size:
+            os.ftruncate(self._ranges, self._ranges_valid)
+            raise OSError(errno.ENOSPC, f"{self._ranges_path}: short write of a range record")
+        self._ranges_valid += written
+
+    def _stop_for_room(self, error: OSError) -> None:
+        """End the log at its current size, since its file system refused a write."""
+        self._limit = self.size
+        self._disk_full = error
+        self._end()
+
+    def _end(self) -> None:
+        """End the log at the cap or where room ran out, with a marker that names the reason."""
         self.truncated = True
-        self._append(truncation_marker(self.cap, last_byte == b"\n"), MARKER)
+        after_newline = self.size == 0 or os.pread(self._log, 1, self.size - 1) == b"\n"
+        if self._disk_full is None:
+            marker = truncation_marker(self.cap, after_newline)
+        else:
+            log.error(
+                "job %s: the log stops at %s bytes, since its file system has no room for "
+                "more: %s; later output is dropped",
+                self.job_id,
+                self.size,
+                self._disk_full,
+            )
+            # Blocks allocated ahead are of no use now: give them back.
+            os.ftruncate(self._log, self.size)
+            marker = disk_full_marker(self.size, self._disk_full, after_newline)
+        try:
+            self._append(marker, MARKER)
+        except OSError as error:
+            if error.errno not in DISK_FULL_ERRORS:
+                raise
+            log.error(
+                "job %s: the marker at the end of the log did not fit: %s", self.job_id, error
+            )
 
     def close(self) -> None:
         """Free the blocks allocated past the end, flush the log to disk and close it."""
