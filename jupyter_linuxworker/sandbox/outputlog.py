@@ -66,7 +66,8 @@ def disk_full_marker(size: int, error: OSError, after_newline: bool) -> bytes:
 
 
 class OutputWriter:
-    """Append a job's stdout and stderr to its log until the cap, then drop and mark."""
+    """Append a job's stdout and stderr to its log until the cap, or until its file system runs
+    short of room; then drop the rest and mark the end."""
 
     def __init__(self, job_dir: str, cap: int, relay: bool = True, reserve: bool = True) -> None:
         flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
