@@ -369,8 +369,8 @@ def test_writer_stops_where_room_runs_out(tmp_path: str, caplog: pytest.LogCaptu
 
         end = 9 * MIB  # 1 MiB, then one step of 8 MiB
         marker = (
-            b"\n[jupyter-linuxworker: output stopped at 9437184 bytes, since the log could not "
-            b"grow (No space left on device); later output was dropped]\n"
+            b"\n[jupyter-linuxworker: output stopped at 9437184 bytes, since its file system "
+            b"has less than 8 MiB of room left; later output was dropped]\n"
         )
         assert writer.truncated is True
         assert outputlog.read_log(small) == data[:end] + marker
@@ -412,6 +412,19 @@ def test_writer_stops_where_a_write_fails(
         ]
 
 
+def test_disk_full_markers() -> None:
+    no_room = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    assert outputlog.disk_full_marker(5, no_room, True) == (
+        b"[jupyter-linuxworker: output stopped at 5 bytes, since the log could not grow "
+        b"(No space left on device); later output was dropped]\n"
+    )
+    assert outputlog.disk_full_marker(5, no_room, False, 8 * MIB) == (
+        b"\n[jupyter-linuxworker: output stopped at 5 bytes, since its file system has less "
+        b"than 8 MiB of room left; later output was dropped]\n"
+    )
+
+
 def test_writer_at_the_cap_without_room_for_the_marker(
     tmp_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -443,7 +456,8 @@ async def test_job_filling_the_state_folder(tmp_path: str) -> None:
             assert record.exit_code == 3
             assert record.output_truncated is True
             assert record.output_size == len(data)
-            assert data == bytes(size) + outputlog.disk_full_marker(size, no_room, False)
+            step = outputlog.RESERVE_CHUNK
+            assert data == bytes(size) + outputlog.disk_full_marker(size, no_room, False, step)
             assert outputlog.RESERVE_CHUNK <= size <= 40 * MIB
 
             second = await full.submit({"command": "echo ok"})

@@ -38,8 +38,7 @@ TRUNCATION_MARKER: Final = (
     "later output was dropped]\n"
 )
 DISK_FULL_MARKER: Final = (
-    "[jupyter-linuxworker: output stopped at {size} bytes, since the log could not grow "
-    "({error}); later output was dropped]\n"
+    "[jupyter-linuxworker: output stopped at {size} bytes, since {why}; later output was dropped]\n"
 )
 # Errors of a write that the file system refuses for lack of room. The log stops there, as at
 # the cap, and the job goes on: the job did nothing wrong, and its end must still be recorded.
@@ -59,9 +58,16 @@ def truncation_marker(cap: int, after_newline: bool) -> bytes:
     return (text if after_newline else "\n" + text).encode()
 
 
-def disk_full_marker(size: int, error: OSError, after_newline: bool) -> bytes:
-    """Return the marker appended to a log that stopped at ``size`` bytes for lack of room."""
-    text = DISK_FULL_MARKER.format(size=size, error=os.strerror(error.errno or 0))
+def disk_full_marker(size: int, error: OSError, after_newline: bool, step: int = 0) -> bytes:
+    """Return the marker appended to a log that stopped at ``size`` bytes for lack of room.
+
+    ``step`` is the allocation ahead that did not fit, or 0 where a write found no room.
+    """
+    if step:
+        why = f"its file system has less than {step // 1024**2} MiB of room left"
+    else:
+        why = f"the log could not grow ({os.strerror(error.errno or 0)})"
+    text = DISK_FULL_MARKER.format(size=size, why=why)
     return (text if after_newline else "\n" + text).encode()
 
 
@@ -88,6 +94,7 @@ class OutputWriter:
         # Where the log ends: the cap, or less once its file system has run out of room.
         self._limit = cap
         self._disk_full: OSError | None = None
+        self._step_refused = 0  # the allocation ahead that found too little room, if one did
         self._ranges_valid = 0  # the length of the range file's complete, true records
 
     def pump(self, fd: int, stream: int) -> bool:
@@ -176,6 +183,7 @@ class OutputWriter:
                 # what room there is stays for the job's state and everyone else's.
                 self._limit = max(self._reserved, self.size)
                 self._disk_full = error
+                self._step_refused = stop - start
                 self._can_reserve = False
                 return
             # An optimisation only: on a file system without fallocate, the log is written as
@@ -251,7 +259,7 @@ class OutputWriter:
             )
             # Blocks allocated ahead are of no use now: give them back.
             os.ftruncate(self._log, self.size)
-            marker = disk_full_marker(self.size, self._disk_full, after_newline)
+            marker = disk_full_marker(self.size, self._disk_full, after_newline, self._step_refused)
         try:
             self._append(marker, MARKER)
         except OSError as error:
