@@ -359,7 +359,7 @@ def free_blocks_past_end(job_dir: str) -> None:
     """Free the blocks that a writer which never closed the log allocated past its end."""
     path = os.path.join(job_dir, LOG_NAME)
     with contextlib.suppress(FileNotFoundError):
-        # A truncation to the same size frees them: ext4 and tmpfs both do.
+        # ext4 frees them on a truncation to the same size.
         os.truncate(path, os.stat(path).st_size)
 
 
