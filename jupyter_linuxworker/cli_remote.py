@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any, Final
 
-from .client import Client, LinuxWorkerError
+from .client import Client, Job, LinuxWorkerError
 
 # Exit codes a script can test; the README lists them.
 EXIT_OK: Final = 0
@@ -35,12 +35,8 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
 
-def _print_status(job: dict[str, Any]) -> None:
-    print(f"Status: {job['status']}")
-    if job.get("exit_code") is not None:
-        print(f"Exit code: {job['exit_code']}")
-    if job.get("reason"):
-        print(f"Reason: {job['reason']}" + (f" ({job['detail']})" if job.get("detail") else ""))
+def _print_status(client: Client, job: dict[str, Any]) -> None:
+    print(Job(client, job).summary(), end="")
 
 
 def submit(client: Client, options: argparse.Namespace, spec: dict[str, Any]) -> int:
@@ -59,7 +55,7 @@ def status(client: Client, options: argparse.Namespace) -> int:
     if options.json:
         _print_json(job)
     else:
-        _print_status(job)
+        _print_status(client, job)
     return EXIT_OK
 
 
@@ -82,7 +78,7 @@ def stop(client: Client, options: argparse.Namespace) -> int:
     if options.json:
         _print_json(job)
     else:
-        _print_status(job)
+        _print_status(client, job)
     return EXIT_OK
 
 

@@ -34,6 +34,7 @@ API_PATH: Final = "linuxworker/api/"
 DEFAULT_TIMEOUT: Final = 30.0
 READ_CHUNK: Final = 64 * 1024
 ENDED: Final = frozenset({"COMPLETED", "FAILED", "STOPPED", "LOST"})
+TRUNCATED_NOTE: Final = "cut short; the log ends with a marker that gives the reason"
 
 
 class LinuxWorkerError(Exception):
@@ -136,6 +137,21 @@ class Job:
         """Return the exit code once the job has ended."""
         code = self.data.get("exit_code")
         return None if code is None else int(code)
+
+    def summary(self) -> str:
+        """Return the job's status, exit code, reason and whether output was dropped, a line each.
+
+        Lines without a value are left out: a running job has no exit code yet.
+        """
+        lines = [f"Status: {self.status}"]
+        if self.exit_code is not None:
+            lines.append(f"Exit code: {self.exit_code}")
+        if self.data.get("reason"):
+            detail = self.data.get("detail")
+            lines.append(f"Reason: {self.data['reason']}" + (f" ({detail})" if detail else ""))
+        if self.data.get("output_truncated"):
+            lines.append(f"Output: {TRUNCATED_NOTE}")
+        return "\n".join(lines) + "\n"
 
     def refresh(self) -> Job:
         """Fetch the job's current state."""

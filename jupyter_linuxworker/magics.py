@@ -215,11 +215,7 @@ class LinuxJobMagics(Magics):
             job_id = arguments[0]
             if options.command == "status":
                 job = self.client.job(job_id)
-                print(f"Status: {job.status}")
-                if job.exit_code is not None:
-                    print(f"Exit code: {job.exit_code}")
-                if job.data.get("reason"):
-                    print(f"Reason: {job.data['reason']} ({job.data.get('detail')})")
+                print(job.summary(), end="")
                 return job
             if options.command == "logs":
                 data = self.client.output(job_id)

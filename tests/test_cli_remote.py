@@ -60,6 +60,17 @@ def test_failed_job_status_shows_reason(server: ServerProcess) -> None:
     )
 
 
+def test_status_says_when_output_was_dropped(server: ServerProcess) -> None:
+    job_id = submitted_id(cli(server, "submit", "--output-cap", "5", "--", "echo 1234567890"))
+    cli(server, "logs", job_id, "-f")
+
+    status = cli(server, "status", job_id)
+    assert status.stdout == (
+        b"Status: COMPLETED\nExit code: 0\n"
+        b"Output: cut short; the log ends with a marker that gives the reason\n"
+    )
+
+
 def test_stop_and_list(server: ServerProcess) -> None:
     job_id = submitted_id(cli(server, "submit", "--name", "sleeper", "--", "sleep 600"))
     time.sleep(0.5)
