@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -440,8 +441,11 @@ def test_writer_at_the_cap_without_room_for_the_marker(
         ]
 
 
-async def test_job_filling_the_state_folder(tmp_path: str) -> None:
+async def test_job_filling_the_state_folder(
+    tmp_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """The log stops with a marker; the job runs on, and its end and the next job are kept."""
+    caplog.set_level(logging.INFO, logger="jupyter_linuxworker")
     with _small_file_system(str(tmp_path), "tmpfs", "40m") as small:
         state = os.path.join(small, "state")
         async with JobManager(state, volume_roots=[str(tmp_path)], grace=1.0) as full:
@@ -459,6 +463,10 @@ async def test_job_filling_the_state_folder(tmp_path: str) -> None:
             step = outputlog.RESERVE_CHUNK
             assert data == bytes(size) + outputlog.disk_full_marker(size, no_room, False, step)
             assert outputlog.RESERVE_CHUNK <= size <= 40 * MIB
+            assert (
+                f"job {job.id}: FAILED (exited with code 3); its output was cut short"
+                in caplog.messages
+            )
 
             second = await full.submit({"command": "echo ok"})
             assert (await full.wait(second.id, timeout=10)).status == JobStatus.COMPLETED

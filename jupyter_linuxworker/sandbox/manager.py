@@ -659,10 +659,11 @@ class JobManager:
             self.store.update(updated)
             if updated.status.ended:
                 log.info(
-                    "job %s: %s (%s)",
+                    "job %s: %s (%s)%s",
                     record.id,
                     updated.status.value,
                     updated.detail or "exit code 0",
+                    "; its output was cut short" if updated.output_truncated else "",
                 )
                 # The supervisor writes its final state just before it exits: its pidfd stays
                 # watched until then, so the exit is seen and the process reaped.
