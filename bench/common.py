@@ -289,15 +289,15 @@ def file_system(path: str) -> str:
     return "ext4 without a journal"
 
 
-# Feature bit of a virtio balloon that reports free guest memory to the host (the virtio
-# specification, VIRTIO_BALLOON_F_FREE_PAGE_REPORTING).
+# Feature bit of a virtio balloon that reports free guest memory to the host
+# (VIRTIO_BALLOON_F_REPORTING in Linux's include/uapi/linux/virtio_balloon.h).
 BALLOON_FREE_PAGE_REPORTING = 5
 BALLOON_DEVICES = "/sys/bus/virtio/drivers/virtio_balloon"
 PAGE_REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
 
 
 def free_page_reporting() -> str:
-    """Say whether this machine hands free memory back to its host, from its balloon devices."""
+    """Return whether this machine hands free memory back to its host, from its balloon devices."""
     try:
         devices = [name for name in os.listdir(BALLOON_DEVICES) if name.startswith("virtio")]
     except OSError:

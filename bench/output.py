@@ -328,9 +328,9 @@ def recycle_page_cache(busybox: str, folder: str) -> None:
     """Write 1 GiB to a file in ``folder`` and delete it, so that the next gigabyte of page
     cache reuses the memory this frees.
 
-    On a virtual machine that reports free memory to its host (virtio free page reporting),
+    A virtual machine may report free memory to its host (virtio free page reporting). There,
     writing into memory that stayed free for a few seconds costs several times as much as
-    writing into memory freed just before: the output section measures both. How long memory
+    writing into memory freed just before, and the output section measures both. How long memory
     stayed free differs from one run to the next, so every timed path that fills the page
     cache starts right after this.
     """

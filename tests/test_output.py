@@ -258,18 +258,18 @@ def _pump_all(
     return writer, sizes
 
 
-def _most_ahead(sizes: list[tuple[int, int]]) -> int:
+def _max_ahead(sizes: list[tuple[int, int]]) -> int:
     return max(allocated - size for size, allocated in sizes)
 
 
-def test_writer_allocates_a_large_log_ahead_and_frees_the_rest(tmp_path: str) -> None:
+def test_writer_reserves_ahead_then_frees(tmp_path: str) -> None:
     data = PATTERN * 7  # 21 MiB
     log_path = os.path.join(str(tmp_path), outputlog.LOG_NAME)
     writer, sizes = _pump_all(str(tmp_path), data, 64 * MIB)
     writer.close()
 
     assert outputlog.read_log(str(tmp_path)) == data
-    assert _most_ahead(sizes) >= outputlog.RESERVE_CHUNK - outputlog.PIPE_CHUNK
+    assert _max_ahead(sizes) >= outputlog.RESERVE_CHUNK - outputlog.PIPE_CHUNK
     # Only ext4's extent blocks may remain above the bytes.
     assert len(data) <= _allocated(log_path) <= len(data) + 16 * BLOCK
 
@@ -280,7 +280,7 @@ def test_writer_allocates_nothing_ahead_of_a_small_log(tmp_path: str) -> None:
     writer.close()
 
     assert outputlog.read_log(str(tmp_path)) == data
-    assert _most_ahead(sizes) <= BLOCK
+    assert _max_ahead(sizes) <= BLOCK
 
 
 def test_writer_allocates_nothing_past_the_cap(tmp_path: str) -> None:
@@ -291,7 +291,7 @@ def test_writer_allocates_nothing_past_the_cap(tmp_path: str) -> None:
 
     marker = outputlog.truncation_marker(cap, after_newline=False)
     assert outputlog.read_log(str(tmp_path)) == data[:cap] + marker
-    assert _most_ahead(sizes) >= outputlog.RESERVE_CHUNK - outputlog.PIPE_CHUNK
+    assert _max_ahead(sizes) >= outputlog.RESERVE_CHUNK - outputlog.PIPE_CHUNK
     # Only ext4's extent blocks may lie past the cap's last block.
     assert max(allocated for _size, allocated in sizes) <= cap + BLOCK + 16 * BLOCK
 
@@ -352,7 +352,7 @@ def test_writer_where_allocating_ahead_is_unsupported(
         writer.close()
 
         assert outputlog.read_log(small) == data
-        assert _most_ahead(sizes) <= BLOCK
+        assert _max_ahead(sizes) <= BLOCK
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1
         assert warnings[0].startswith(
@@ -426,9 +426,7 @@ def test_disk_full_markers() -> None:
     )
 
 
-def test_writer_at_the_cap_without_room_for_the_marker(
-    tmp_path: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_cap_marker_without_room(tmp_path: str, caplog: pytest.LogCaptureFixture) -> None:
     with _small_file_system(str(tmp_path), "tmpfs", "4m") as small:
         data = PATTERN * 2  # 6 MiB
         writer = _pump_in_steps(small, data, outputlog.STDOUT, reserve=False, cap=4 * MIB)

@@ -28,9 +28,9 @@ STREAM_NAMES: Final = {STDOUT: "stdout", STDERR: "stderr", MARKER: "marker"}
 RANGE_RECORD: Final = struct.Struct("<QQB")
 PIPE_CHUNK: Final = 1024 * 1024
 PIPE_SIZE: Final = 1024 * 1024  # the buffer of the job's stdout and stderr pipes and the relay
-# Past this size the log's blocks are allocated ahead of the bytes, RESERVE_CHUNK at a time.
-# Writing into allocated blocks skips ext4's per-page delayed allocation: BENCHMARKS.md gives
-# the log writer's CPU time per GiB with and without. Small logs never pay the call.
+# Past this size the log's blocks are allocated ahead of the bytes, RESERVE_CHUNK at a time,
+# because writing into allocated blocks costs ext4 less CPU (BENCHMARKS.md gives the log
+# writer's CPU time per GiB with and without). Small logs never pay for the extra call.
 RESERVE_AFTER: Final = 1024 * 1024
 RESERVE_CHUNK: Final = 8 * 1024 * 1024
 TRUNCATION_MARKER: Final = (
@@ -38,10 +38,11 @@ TRUNCATION_MARKER: Final = (
     "later output was dropped]\n"
 )
 DISK_FULL_MARKER: Final = (
-    "[jupyter-linuxworker: output stopped at {size} bytes, since {why}; later output was dropped]\n"
+    "[jupyter-linuxworker: output stopped at {size} bytes, since {reason}; "
+    "later output was dropped]\n"
 )
-# Errors of a write that the file system refuses for lack of room. The log stops there, as at
-# the cap, and the job goes on: the job did nothing wrong, and its end must still be recorded.
+# Errors of a write that the file system rejects for lack of room. The log stops there, as at
+# the cap, and the job runs on, because the job did nothing wrong and its end must be recorded.
 DISK_FULL_ERRORS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
@@ -54,8 +55,7 @@ def set_pipe_size(fd: int) -> None:
 
 def truncation_marker(cap: int, after_newline: bool) -> bytes:
     """Return the marker appended to a log that reached its cap of ``cap`` bytes."""
-    text = TRUNCATION_MARKER.format(cap=cap)
-    return (text if after_newline else "\n" + text).encode()
+    return _marker_line(TRUNCATION_MARKER.format(cap=cap), after_newline)
 
 
 def disk_full_marker(size: int, error: OSError, after_newline: bool, step: int = 0) -> bytes:
@@ -64,16 +64,23 @@ def disk_full_marker(size: int, error: OSError, after_newline: bool, step: int =
     ``step`` is the allocation ahead that did not fit, or 0 where a write found no room.
     """
     if step:
-        why = f"its file system has less than {step // 1024**2} MiB of room left"
+        reason = f"its file system has less than {step // 1024**2} MiB of room left"
     else:
-        why = f"the log could not grow ({os.strerror(error.errno or 0)})"
-    text = DISK_FULL_MARKER.format(size=size, why=why)
+        reason = f"the log could not grow ({os.strerror(error.errno or 0)})"
+    return _marker_line(DISK_FULL_MARKER.format(size=size, reason=reason), after_newline)
+
+
+def _marker_line(text: str, after_newline: bool) -> bytes:
+    """Return ``text`` as bytes, led by a newline unless the log already ends with one."""
     return (text if after_newline else "\n" + text).encode()
 
 
 class OutputWriter:
-    """Append a job's stdout and stderr to its log until the cap, or until its file system runs
-    short of room; then drop the rest and mark the end."""
+    """Append a job's stdout and stderr to its log, up to a limit.
+
+    The limit is the cap, or less once the log's file system runs short of room. Past the
+    limit, output is read and dropped, and a marker ends the log.
+    """
 
     def __init__(self, job_dir: str, cap: int, relay: bool = True, reserve: bool = True) -> None:
         flags = os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -94,15 +101,17 @@ class OutputWriter:
         # Where the log ends: the cap, or less once its file system has run out of room.
         self._limit = cap
         self._disk_full: OSError | None = None
-        self._step_refused = 0  # the allocation ahead that found too little room, if one did
-        self._ranges_valid = 0  # the length of the range file's complete, true records
+        self._failed_step = 0  # the size of an allocation ahead that found too little room
+        self._ranges_valid = 0  # the range file's length up to its last correct record
 
     def pump(self, fd: int, stream: int) -> bool:
         """Move the bytes waiting in ``fd`` into the log; return False at end of file."""
         if self.truncated:
             return bool(os.read(fd, PIPE_CHUNK))
-        self._reserve(self.size + min(PIPE_CHUNK, self._limit - self.size))
         count = min(PIPE_CHUNK, self._limit - self.size)
+        self._reserve(self.size + count)
+        # A step that found too little room lowers the limit.
+        count = min(count, self._limit - self.size)
         if count <= 0:
             # Room ran out before these bytes: the log ends, and they are dropped.
             self._end()
@@ -170,7 +179,7 @@ class OutputWriter:
         return moved
 
     def _reserve(self, end: int) -> None:
-        """Allocate the log's blocks up to past ``end``, at most to the cap, once it is large."""
+        """Allocate the log's blocks past ``end`` in one step, up to the cap, once it is large."""
         if end <= self._reserved or self.size < RESERVE_AFTER or not self._can_reserve:
             return
         start = max(self._reserved, self.size)
@@ -183,7 +192,7 @@ class OutputWriter:
                 # what room there is stays for the job's state and everyone else's.
                 self._limit = max(self._reserved, self.size)
                 self._disk_full = error
-                self._step_refused = stop - start
+                self._failed_step = stop - start
                 self._can_reserve = False
                 return
             # An optimisation only: on a file system without fallocate, the log is written as
@@ -216,7 +225,8 @@ class OutputWriter:
                 written += os.pwrite(self._log, data[written:], self.size + written)
         finally:
             if written < len(data) and stream != STDOUT:
-                # The record claims bytes that never came: it gives way to a true one.
+                # The record covers bytes that were not written, so one for those that were
+                # replaces it.
                 self._ranges_valid -= RANGE_RECORD.size
                 os.ftruncate(self._ranges, self._ranges_valid)
                 if written:
@@ -259,7 +269,7 @@ class OutputWriter:
             )
             # Blocks allocated ahead are of no use now: give them back.
             os.ftruncate(self._log, self.size)
-            marker = disk_full_marker(self.size, self._disk_full, after_newline, self._step_refused)
+            marker = disk_full_marker(self.size, self._disk_full, after_newline, self._failed_step)
         try:
             self._append(marker, MARKER)
         except OSError as error:
