@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from common import BENCH_DIR, GIB, Api, Samples
+from transport import TransportRun, deliver
 
 from jupyter_linuxworker.sandbox import outputlog
 
@@ -75,6 +76,20 @@ class CpuSplit:
 
 
 @dataclass
+class TransportSamples:
+    """Runs of the bare transport to one count of readers."""
+
+    seconds: Samples = field(default_factory=Samples)
+    sender_cpu: Samples = field(default_factory=Samples)
+    reader_cpu: Samples = field(default_factory=Samples)
+
+    def add(self, run: TransportRun) -> None:
+        self.seconds.add(run.seconds)
+        self.sender_cpu.add(run.sender_cpu)
+        self.reader_cpu.add(run.reader_cpu)
+
+
+@dataclass
 class ServerUnderTest:
     """A started server: its API, its process id and its state folder."""
 
@@ -124,6 +139,10 @@ class OutputResults:
     writer_cpu_unreserved: Samples = field(default_factory=Samples)
     # The same, with blocks allocated ahead, after memory stayed free for IDLE_SECONDS.
     writer_cpu_idle: Samples = field(default_factory=Samples)
+    # sendfile of a cached 1 GiB file over loopback TCP to one reader and to as many as there
+    # are followers, with no server and no job: a floor for the followed paths.
+    transport_one: TransportSamples = field(default_factory=TransportSamples)
+    transport_many: TransportSamples = field(default_factory=TransportSamples)
 
 
 def time_shell(command: str) -> float:
@@ -373,6 +392,11 @@ def run(
     """
     results = OutputResults(runs=runs, many_runs=many_runs, followers=followers)
     results.file_path = os.path.join(server.state_dir, "bench-write-test")
+    transport_path = os.path.join(server.state_dir, "bench-transport")
+    subprocess.run(["/bin/sh", "-c", file_write_command(busybox, transport_path)], check=True)
+    os.sync()
+    # A warm-up delivery, not kept.
+    deliver(transport_path, 1)
 
     def settle() -> None:
         # The sync keeps the writeback of the gigabyte before out of the next time, and the
@@ -435,6 +459,12 @@ def run(
                 results.direct_alone.add(alone[1])
             if reports:
                 results.direct_one.add(reports[0]["to_last_byte"])
+
+        # The file stays in the page cache, so these runs allocate no page cache to recycle.
+        results.transport_one.add(deliver(transport_path, 1))
+        if index < many_runs:
+            results.transport_many.add(deliver(transport_path, followers))
+    os.remove(transport_path)
 
     # What recycling avoids: the log writer after memory stayed free, as without it.
     for _ in range(IDLE_RUNS):

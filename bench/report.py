@@ -264,6 +264,14 @@ def _output_section(run: Run, lines: list[str]) -> None:
         ("before: job → log without the relay pipe, to the last byte", results.direct_logged),
         ("before: job → log without the relay pipe, to the end", results.direct_alone),
         ("before: job → REST without the relay pipe, 1 follower", results.direct_one),
+        (
+            "transport alone: sendfile of a cached file over loopback TCP to 1 reader",
+            results.transport_one.seconds,
+        ),
+        (
+            f"transport alone, {results.followers} readers at once (the last to finish)",
+            results.transport_many.seconds,
+        ),
     ]
     body = [
         (name, f"{s.p(50):.2f}", spread(s), rate(s.p(50)) if s.count else "-", s.count)
@@ -395,7 +403,8 @@ def _output_section(run: Run, lines: list[str]) -> None:
                     ]
                     if results.many_slowest.count
                     else []
-                ),
+                )
+                + _transport_comparisons(results),
             )
             + "\n"
         )
@@ -436,13 +445,39 @@ def _output_section(run: Run, lines: list[str]) -> None:
     busybox = run.rootfs + "/bin/busybox"
     write_command = output_bench.file_write_command(busybox, results.file_path)
     lines.append(f"- file write: `{write_command}`, then the file is removed.")
-    lines.append(f"- pipe: `{output_bench.pipe_command(busybox)}`\n")
+    lines.append(f"- pipe: `{output_bench.pipe_command(busybox)}`")
+    lines.append(
+        "- transport alone: `bench/transport.py`. It writes the file as the file write does and "
+        "keeps it, sends it once untimed, then in each run sends it with `os.sendfile` from one "
+        "thread per reader; each reader is a process with `recv_into` of 1 MiB.\n"
+    )
     lines.append(
         "The host commands run the image's own static busybox, so the producer is the same "
         "program in and out of the job. The producer is dd, not `head -c 1G`: the image's "
         "busybox head rejects the `G` suffix and copies 4 KiB at a time. The one run with "
         "`head -c 1073741824` above shows what that costs.\n"
     )
+
+
+def _transport_comparisons(results: output_bench.OutputResults) -> list[tuple[str, str]]:
+    """Return the rows that compare the transport alone with the file write and itself."""
+    one, many = results.transport_one.seconds, results.transport_many.seconds
+    rows = []
+    if one.count:
+        rows.append(
+            (
+                "transport alone to 1 reader / file write, rate",
+                f"{results.file_write.p(50) / one.p(50):.2f}",
+            )
+        )
+    if one.count and many.count:
+        rows.append(
+            (
+                f"transport alone: {results.followers} readers / 1 reader, time",
+                f"{many.p(50) / one.p(50):.1f}x",
+            )
+        )
+    return rows
 
 
 def _output_verdict(met_at_medians: bool, met_at_fast_runs: bool) -> str:
@@ -589,7 +624,74 @@ def _cpu_lines(results: output_bench.OutputResults) -> list[str]:
         )
     if text:
         lines.append(" ".join(text) + "\n")
+    floors = _transport_floors(results, cpus)
+    if floors:
+        lines.append(floors + "\n")
     return lines
+
+
+def _transport_floors(results: output_bench.OutputResults, cpus: int) -> str:
+    """Return the shortest follower times that the transport alone allows, and their verdicts."""
+    one, many = results.transport_one, results.transport_many
+    if not (
+        one.seconds.count
+        and results.writer_cpu.count
+        and results.one_cpu.job.count
+        and results.one_server_cpu.count
+    ):
+        return ""
+    writer = results.writer_cpu.p(50)
+    sender, reader = one.sender_cpu.p(50), one.reader_cpu.p(50)
+    job = results.one_cpu.job.p(50)
+    server = results.one_server_cpu.p(50)
+    total = job + writer + sender + reader
+    floor = max(total / cpus, one.seconds.p(50))
+    share = results.file_write.p(50) / floor
+    met = share >= FOLLOWER_SHARE_OF_FILE_WRITE
+    text = [
+        "The transport alone sets a floor that no server sending over TCP can go below. It "
+        f"sent 1 GiB to one reader in {one.seconds.p(50):.2f} s, with {sender:.2f} s of CPU in "
+        "the sending thread (on loopback, that includes much of the receiving end's TCP work) "
+        f"and {reader:.2f} s in the reader. The server used {server:.2f} s per GiB to one "
+        f"follower, {server / sender:.1f} times the sending thread's CPU. Add the job "
+        f"({job:.2f} s) and the log writer ({writer:.2f} s) to the transport, and one follower "
+        f"needs {total:.2f} s of CPU: at least {floor:.2f} s on {cpus} CPUs, at best "
+        f"{share:.2f} times the file-write rate. "
+        + (
+            "So a server that cost no more than the transport could meet the one-follower "
+            "target on this machine."
+            if met
+            else "So while a job's output goes through a pipe into a log and out over TCP, "
+            "no server can meet the one-follower target on this machine."
+        )
+    ]
+    if many.seconds.count and results.many_cpu.job.count:
+        many_total = (
+            results.many_cpu.job.p(50) + writer + many.sender_cpu.p(50) + many.reader_cpu.p(50)
+        )
+        many_floor = max(many_total / cpus, many.seconds.p(50))
+        factor = many_floor / floor
+        text.append(
+            f"To {results.followers} readers the transport alone took "
+            f"{many.seconds.p(50):.2f} s, {many.seconds.p(50) / one.seconds.p(50):.1f}x its "
+            f"time to one, with {many.sender_cpu.p(50) + many.reader_cpu.p(50):.2f} s of CPU"
+            + (
+                f"; the server used {results.many_server_cpu.p(50):.2f} s per GiB per follower, "
+                f"{results.many_server_cpu.p(50) * results.followers / many.sender_cpu.p(50):.1f}"
+                " times the sending threads' CPU. "
+                if results.many_server_cpu.count
+                else ". "
+            )
+            + f"With the job and the log writer, {results.followers} followers need at least "
+            f"{many_floor:.2f} s, {factor:.1f}x the one-follower floor"
+            + (
+                f", above the target of {MANY_FOLLOWERS_FACTOR:g}x even if both runs reached "
+                "their floors."
+                if factor > MANY_FOLLOWERS_FACTOR
+                else f", within the target of {MANY_FOLLOWERS_FACTOR:g}x."
+            )
+        )
+    return " ".join(text)
 
 
 def _one_follower_floor(results: output_bench.OutputResults, cpus: int) -> str:
