@@ -10,7 +10,9 @@ Example, in a notebook of a server that runs the extension::
 
 Finding the server: an explicit URL and token first, then the environment that the extension
 publishes to its kernels (JUPYTER_LINUXWORKER_URL and JUPYTER_LINUXWORKER_TOKEN), then Jupyter's
-runtime files, the kernel's parent server first.
+runtime files, the kernel's parent server first. A server that listens on a Unix socket
+(``jupyter server --sock PATH``) has a URL of the form ``http+unix://%2Fpath%2Fto%2Fsocket/``,
+as Jupyter writes it: the socket's path, percent-encoded, in place of the host.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import glob
 import http.client
 import json
 import os
+import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +36,10 @@ PARENT_PID_ENV: Final = "JPY_PARENT_PID"
 API_PATH: Final = "linuxworker/api/"
 DEFAULT_TIMEOUT: Final = 30.0
 READ_CHUNK: Final = 64 * 1024
+UNIX_SCHEME: Final = "http+unix"
+# The Host header of a request over a Unix socket, which has no host name of its own.
+UNIX_HOST: Final = "localhost"
+URL_FORMS: Final = "http(s)://HOST:PORT/... or http+unix://%2Fpath%2Fto%2Fsocket/..."
 ENDED: Final = frozenset({"COMPLETED", "FAILED", "STOPPED", "LOST"})
 TRUNCATED_NOTE: Final = "cut short; the log ends with a marker that gives the reason"
 
@@ -53,6 +60,51 @@ class ServerInfo:
     url: str
     token: str
     note: str = ""
+
+
+def unix_socket_path(url: str) -> str | None:
+    """Return the socket path of an ``http+unix://`` URL, or None for another scheme."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != UNIX_SCHEME:
+        return None
+    return urllib.parse.unquote(parts.netloc)
+
+
+def describe_server(url: str) -> str:
+    """Return ``url`` for a message, with the socket's path where it is an http+unix URL."""
+    path = unix_socket_path(url)
+    return url if path is None else f"{url} (Unix socket {path})"
+
+
+def check_url(url: str) -> urllib.parse.SplitResult:
+    """Return the parts of the server URL ``url``; raise LinuxWorkerError if it names no server."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == UNIX_SCHEME:
+        valid = urllib.parse.unquote(parts.netloc).startswith("/")
+    else:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    if not valid:
+        raise LinuxWorkerError(f"invalid server URL {url!r}: expected {URL_FORMS}")
+    return parts
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to a server that listens on the Unix socket at ``path``."""
+
+    def __init__(self, path: str, timeout: float | None = None) -> None:
+        super().__init__(UNIX_HOST, timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        """Connect to the socket instead of a host and port."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 def _runtime_dir() -> str:
@@ -188,14 +240,12 @@ class Client:
     ) -> None:
         self.server = discover(url, token)
         self.timeout = timeout
-        parts = urllib.parse.urlsplit(self.server.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise LinuxWorkerError(
-                f"invalid server URL {self.server.url!r}: expected http(s)://HOST:PORT/..."
-            )
-        self._parts = parts
+        self._parts = check_url(self.server.url)
 
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        path = unix_socket_path(self.server.url)
+        if path is not None:
+            return UnixHTTPConnection(path, timeout=timeout)
         cls = (
             http.client.HTTPSConnection
             if self._parts.scheme == "https"
@@ -225,7 +275,7 @@ class Client:
         except OSError as error:
             connection.close()
             raise LinuxWorkerError(
-                f"cannot reach the Jupyter server at {self.server.url}: {error}"
+                f"cannot reach the Jupyter server at {describe_server(self.server.url)}: {error}"
             ) from None
         if response.status >= 400:
             data = response.read()
@@ -348,6 +398,24 @@ class AsyncClient:
     ) -> None:
         self.server = discover(url, token)
         self.timeout = timeout
+        parts = check_url(self.server.url)
+        self._socket_path = unix_socket_path(self.server.url)
+        # tornado takes a host name in the URL; the resolver below maps it to the socket.
+        self._base = (
+            self.server.url if self._socket_path is None else f"http://{UNIX_HOST}{parts.path}"
+        )
+        self._unix_client: Any = None
+
+    def _http_client(self) -> Any:
+        from tornado.httpclient import AsyncHTTPClient
+
+        if self._socket_path is None:
+            return AsyncHTTPClient()
+        if self._unix_client is None:
+            self._unix_client = AsyncHTTPClient(
+                force_instance=True, resolver=_unix_resolver(self._socket_path)
+            )
+        return self._unix_client
 
     def _request(
         self,
@@ -371,7 +439,7 @@ class AsyncClient:
         # tornado measures request_timeout from the start; None means no limit for follow.
         limit = self.timeout if timeout is None else timeout
         return HTTPRequest(
-            self.server.url + path + query,
+            self._base + path + query,
             method=method,
             headers=headers,
             body=payload,
@@ -380,16 +448,16 @@ class AsyncClient:
         )
 
     async def _fetch(self, request: Any) -> Any:
-        from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+        from tornado.httpclient import HTTPClientError
 
         try:
-            return await AsyncHTTPClient().fetch(request)
+            return await self._http_client().fetch(request)
         except HTTPClientError as error:
             body = error.response.body if error.response is not None else b""
             raise _api_error(error.code, body) from None
         except OSError as error:
             raise LinuxWorkerError(
-                f"cannot reach the Jupyter server at {self.server.url}: {error}"
+                f"cannot reach the Jupyter server at {describe_server(self.server.url)}: {error}"
             ) from None
 
     async def _json(
@@ -464,3 +532,16 @@ class AsyncClient:
             await fetch
         finally:
             fetch.cancel()
+
+
+def _unix_resolver(path: str) -> Any:
+    """Return a tornado resolver that sends every host to the Unix socket at ``path``."""
+    from tornado.netutil import Resolver
+
+    class UnixResolver(Resolver):
+        async def resolve(
+            self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
+        ) -> list[tuple[int, Any]]:
+            return [(socket.AF_UNIX, path)]
+
+    return UnixResolver()

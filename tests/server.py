@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jupyter_linuxworker.client import UnixHTTPConnection
 from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -38,11 +40,15 @@ class ServerProcess:
     runtime_dir: str
     port: int = field(default_factory=free_port)
     extra: list[str] = field(default_factory=list)
+    # The path of a Unix socket to listen on instead of the port, as `jupyter server --sock`.
+    sock: str | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: str = ""
 
     @property
     def url(self) -> str:
+        if self.sock is not None:
+            return f"http+unix://{urllib.parse.quote(self.sock, safe='')}/"
         return f"http://127.0.0.1:{self.port}/"
 
     @property
@@ -63,9 +69,15 @@ class ServerProcess:
             "jupyter_server",
             "--no-browser",
             "--allow-root",
-            "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={self.port}",
-            "--ServerApp.port_retries=0",
+            *(
+                [f"--ServerApp.sock={self.sock}"]
+                if self.sock is not None
+                else [
+                    "--ServerApp.ip=127.0.0.1",
+                    f"--ServerApp.port={self.port}",
+                    "--ServerApp.port_retries=0",
+                ]
+            ),
             f"--ServerApp.root_dir={self.root_dir}",
             "--ServerApp.jpserver_extensions={'jupyter_linuxworker': True}",
             "--ServerApp.identity_provider_class=identity_provider.TwoUserIdentityProvider",
@@ -88,11 +100,25 @@ class ServerProcess:
                     f"the server exited with {self.process.returncode}:\n{self.log()}"
                 )
             try:
-                request("GET", self.api + "images", "alice-token")
+                self._probe()
                 return self
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, OSError):
                 time.sleep(0.1)
         raise RuntimeError(f"the server did not answer within {START_TIMEOUT} s:\n{self.log()}")
+
+    def _probe(self) -> None:
+        """Send one request to the API; raise OSError while the server does not answer."""
+        if self.sock is None:
+            request("GET", self.api + "images", "alice-token")
+            return
+        connection = UnixHTTPConnection(self.sock, timeout=5)
+        try:
+            connection.request(
+                "GET", "/linuxworker/api/images", headers={"Authorization": "token alice-token"}
+            )
+            connection.getresponse().read()
+        finally:
+            connection.close()
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as file:
