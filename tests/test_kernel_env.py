@@ -64,8 +64,13 @@ def run_cell(client: BlockingKernelClient, code: str) -> str:
 def test_kernel_reaches_api(kernel: tuple[ServerProcess, BlockingKernelClient]) -> None:
     server, client = kernel
 
+    assert_kernel_runs_job(client, server.api)
+
+
+def assert_kernel_runs_job(client: BlockingKernelClient, api: str) -> None:
+    """Assert that the kernel was given ``api`` and runs a job through it with the client."""
     url = run_cell(client, "import os; print(os.environ['JUPYTER_LINUXWORKER_URL'])")
-    assert url == server.api + "\n"
+    assert url == api + "\n"
     output = run_cell(
         client,
         "from jupyter_linuxworker.client import Client\n"

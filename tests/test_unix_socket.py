@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from jupyter_client.blocking import BlockingKernelClient
 from server import ADMIN_TOKEN, ServerProcess, assert_no_job_leftovers, server_in
-from test_kernel_env import run_cell
+from test_kernel_env import assert_kernel_runs_job
 
 from jupyter_linuxworker.client import AsyncClient, Client, LinuxWorkerError, UnixHTTPConnection
 
@@ -114,15 +114,7 @@ def test_kernel_runs_job_over_socket(server: ServerProcess) -> None:
         client.start_channels()
         client.wait_for_ready(timeout=30)
 
-        url = run_cell(client, "import os; print(os.environ['JUPYTER_LINUXWORKER_URL'])")
-        assert url == server.api + "\n"
-        output = run_cell(
-            client,
-            "from jupyter_linuxworker.client import Client\n"
-            "job = Client().submit('echo from the kernel').wait(timeout=30)\n"
-            "print(job.status, job.exit_code, job.output().decode(), end='')",
-        )
-        assert output == "COMPLETED 0 from the kernel\n"
+        assert_kernel_runs_job(client, server.api)
     finally:
         client.stop_channels()
         kernels_request(server, "DELETE", f"/{kernel_id}", None)
