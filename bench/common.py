@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jupyter_linuxworker.client import UnixHTTPConnection
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
 TESTS_DIR = os.path.join(REPO_DIR, "tests")
@@ -76,17 +78,26 @@ def verdict(met: bool | None) -> str:
 class Api:
     """A keep-alive HTTP connection to the linuxworker API of one server, as one user."""
 
-    def __init__(self, port: int, token: str, timeout: float = 60) -> None:
+    def __init__(self, port: int, token: str, timeout: float = 60, sock: str | None = None) -> None:
         self.port = port
         self.token = token
         self.timeout = timeout
+        # The path of the server's Unix socket, for a server that listens on one.
+        self.sock = sock
         self.prefix = "/linuxworker/api/"
         self._connection: http.client.HTTPConnection | None = None
 
+    @property
+    def address(self) -> str:
+        """Return the port on 127.0.0.1, or the socket's path, as the follower takes it."""
+        return self.sock if self.sock is not None else str(self.port)
+
     def _connect(self) -> http.client.HTTPConnection:
         if self._connection is None:
-            self._connection = http.client.HTTPConnection(
-                "127.0.0.1", self.port, timeout=self.timeout
+            self._connection = (
+                UnixHTTPConnection(self.sock, timeout=self.timeout)
+                if self.sock is not None
+                else http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
             )
         return self._connection
 
@@ -144,10 +155,11 @@ class Api:
             raise RuntimeError(f"DELETE jobs/{job_id} returned {status}: {body!r}")
 
 
-def start_server(base: str, extra: Sequence[str] = ()) -> Any:
+def start_server(base: str, extra: Sequence[str] = (), sock: str | None = None) -> Any:
     """Start a `jupyter server` with the extension on 127.0.0.1, state in ``base``/state.
 
-    ``extra`` contains more command line options for the server.
+    ``extra`` contains more command line options for the server. With ``sock``, the server
+    listens on that Unix socket instead.
     """
     if TESTS_DIR not in sys.path:
         sys.path.insert(0, TESTS_DIR)
@@ -160,6 +172,7 @@ def start_server(base: str, extra: Sequence[str] = ()) -> Any:
         os.path.join(base, "root"),
         os.path.join(base, "runtime"),
         extra=list(extra),
+        sock=sock,
     )
     return server.start()
 

@@ -1,6 +1,7 @@
 """One REST follower: GET jobs/ID/output?follow=1 and count the bytes, for the output benchmarks.
 
-Usage: follower.py PORT TOKEN. The process connects first, then reads the job id as one line
+Usage: follower.py ADDRESS TOKEN, where ADDRESS is the server's port on 127.0.0.1 or the path
+of its Unix socket. The process connects first, then reads the job id as one line
 on stdin, so that its start-up is not timed. At the end it prints one JSON line with the byte
 count, CLOCK_MONOTONIC times (the same clock in every process): request sent, first byte,
 last byte, end of the response, and the CPU seconds (all, and in the kernel) this process
@@ -15,12 +16,18 @@ import os
 import sys
 import time
 
+from jupyter_linuxworker.client import UnixHTTPConnection
+
 BUFFER_SIZE = 1024 * 1024
 
 
 def main(argv: list[str]) -> int:
-    port, token = int(argv[1]), argv[2]
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    address, token = argv[1], argv[2]
+    connection = (
+        http.client.HTTPConnection("127.0.0.1", int(address), timeout=600)
+        if address.isdigit()
+        else UnixHTTPConnection(address, timeout=600)
+    )
     connection.connect()
     job_id = sys.stdin.readline().strip()
 

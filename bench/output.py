@@ -115,6 +115,10 @@ class OutputResults:
     many_slowest: Samples = field(default_factory=Samples)  # the slowest follower of each run
     many_each: Samples = field(default_factory=Samples)  # every follower of every run
     many_job: Samples = field(default_factory=Samples)
+    # The same through a server that listens on a Unix socket.
+    unix_one: Samples = field(default_factory=Samples)
+    unix_many_slowest: Samples = field(default_factory=Samples)
+    unix_one_server_cpu: Samples = field(default_factory=Samples)
     # The same through a server with sendfile turned off: the figures before sendfile.
     plain_one: Samples = field(default_factory=Samples)
     plain_many_slowest: Samples = field(default_factory=Samples)
@@ -143,6 +147,9 @@ class OutputResults:
     # are followers, with no server and no job: a floor for the followed paths.
     transport_one: TransportSamples = field(default_factory=TransportSamples)
     transport_many: TransportSamples = field(default_factory=TransportSamples)
+    # The same over a Unix socket.
+    transport_unix_one: TransportSamples = field(default_factory=TransportSamples)
+    transport_unix_many: TransportSamples = field(default_factory=TransportSamples)
 
 
 def time_shell(command: str) -> float:
@@ -154,11 +161,11 @@ def time_shell(command: str) -> float:
 class Followers:
     """Follower processes, connected and waiting for a job id."""
 
-    def __init__(self, port: int, token: str, count: int) -> None:
+    def __init__(self, address: str, token: str, count: int) -> None:
         script = os.path.join(BENCH_DIR, "follower.py")
         self.processes = [
             subprocess.Popen(
-                [sys.executable, script, str(port), token],
+                [sys.executable, script, address, token],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -248,7 +255,7 @@ def stream_once(
     api: Api, command: str, count: int, results: OutputResults, server_pid: int
 ) -> list[dict[str, Any]] | None:
     """Run a 1 GiB job with ``count`` followers; return their reports, timed from the POST."""
-    followers = Followers(api.port, api.token, count)
+    followers = Followers(api.address, api.token, count)
     sampler = BusySampler()
     cpu_before = process_cpu_seconds(server_pid)
     system_before = process_cpu_seconds(server_pid, system_only=True)
@@ -365,6 +372,31 @@ def idle_log_writer_cpu(busybox: str, folder: str) -> float:
     return log_writer_cpu(busybox, folder, reserve=True)
 
 
+def one_then_many(
+    server: ServerUnderTest,
+    results: OutputResults,
+    settle: Callable[[], None],
+    samples: tuple[Samples, Samples, Samples],
+    followers: int,
+) -> None:
+    """Stream to one follower, then to ``followers`` unless that is 0, each after ``settle``.
+
+    ``samples`` receive the one follower's time and the server's CPU per GiB, then the
+    slowest of the many followers' times.
+    """
+    one, server_cpu, many_slowest = samples
+    settle()
+    reports = stream_once(server.api, JOB_COMMAND, 1, results, server.pid)
+    if reports:
+        one.add(reports[0]["to_last_byte"])
+        server_cpu.add(reports[0]["server_cpu_per_gib"])
+    if followers:
+        settle()
+        reports = stream_once(server.api, JOB_COMMAND, followers, results, server.pid)
+        if reports:
+            many_slowest.add(max(report["to_last_byte"] for report in reports))
+
+
 def alone_then_one(
     server: ServerUnderTest, results: OutputResults, settle: Callable[[], None]
 ) -> tuple[tuple[float, float] | None, list[dict[str, Any]] | None]:
@@ -383,12 +415,14 @@ def run(
     followers: int,
     plain: ServerUnderTest | None = None,
     direct: ServerUnderTest | None = None,
+    unix: ServerUnderTest | None = None,
 ) -> OutputResults:
     """Alternate the file write, the pipe, one follower and ``followers`` followers.
 
     ``plain`` is a second server that sends output without sendfile. With it, each run also
     streams to one follower and to ``followers`` followers through it. ``direct`` is a server
     without the relay pipe: each run also times a job with no follower and with one through it.
+    ``unix`` is a server on a Unix socket: each run also streams to the followers through it.
     """
     results = OutputResults(runs=runs, many_runs=many_runs, followers=followers)
     results.file_path = os.path.join(server.state_dir, "bench-write-test")
@@ -440,17 +474,14 @@ def run(
                 results.many_server_cpu.add(reports[0]["server_cpu_per_gib"])
                 results.many_cpu.add(reports[0]["split"])
 
-        if plain is not None:
-            settle()
-            reports = stream_once(plain.api, JOB_COMMAND, 1, results, plain.pid)
-            if reports:
-                results.plain_one.add(reports[0]["to_last_byte"])
-                results.plain_one_server_cpu.add(reports[0]["server_cpu_per_gib"])
-            if index < many_runs:
-                settle()
-                reports = stream_once(plain.api, JOB_COMMAND, followers, results, plain.pid)
-                if reports:
-                    results.plain_many_slowest.add(max(r["to_last_byte"] for r in reports))
+        for other, samples in (
+            (plain, (results.plain_one, results.plain_one_server_cpu, results.plain_many_slowest)),
+            (unix, (results.unix_one, results.unix_one_server_cpu, results.unix_many_slowest)),
+        ):
+            if other is not None:
+                one_then_many(
+                    other, results, settle, samples, followers if index < many_runs else 0
+                )
 
         if direct is not None:
             alone, reports = alone_then_one(direct, results, settle)
@@ -462,8 +493,10 @@ def run(
 
         # The file stays in the page cache, so these runs allocate no page cache to recycle.
         results.transport_one.add(deliver(transport_path, 1))
+        results.transport_unix_one.add(deliver(transport_path, 1, unix=True))
         if index < many_runs:
             results.transport_many.add(deliver(transport_path, followers))
+            results.transport_unix_many.add(deliver(transport_path, followers, unix=True))
     os.remove(transport_path)
 
     # What recycling avoids: the log writer after memory stayed free, as without it.

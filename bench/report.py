@@ -256,6 +256,11 @@ def _output_section(run: Run, lines: list[str]) -> None:
         ("job → REST, 1 follower", results.one_follower),
         (f"job → REST, {results.followers} followers (slowest of each run)", results.many_slowest),
         (f"job → REST, {results.followers} followers (every follower)", results.many_each),
+        ("job → REST over a Unix socket, 1 follower", results.unix_one),
+        (
+            f"job → REST over a Unix socket, {results.followers} followers (slowest of each run)",
+            results.unix_many_slowest,
+        ),
         ("before: job → REST without sendfile, 1 follower", results.plain_one),
         (
             f"before: job → REST without sendfile, {results.followers} followers (slowest)",
@@ -271,6 +276,11 @@ def _output_section(run: Run, lines: list[str]) -> None:
         (
             f"transport alone, {results.followers} readers at once (the last to finish)",
             results.transport_many.seconds,
+        ),
+        ("transport alone over a Unix socket, 1 reader", results.transport_unix_one.seconds),
+        (
+            f"transport alone over a Unix socket, {results.followers} readers at once",
+            results.transport_unix_many.seconds,
         ),
     ]
     body = [
@@ -313,6 +323,11 @@ def _output_section(run: Run, lines: list[str]) -> None:
         extra.append(
             "Through the server without sendfile: "
             f"{results.plain_one_server_cpu.p(50):.2f} s of CPU per GiB to one follower (median)."
+        )
+    if results.unix_one_server_cpu.count:
+        extra.append(
+            "Through the server on a Unix socket: "
+            f"{results.unix_one_server_cpu.p(50):.2f} s of CPU per GiB to one follower (median)."
         )
     if results.writer_cpu.count and results.writer_cpu_unreserved.count:
         extra.append(
@@ -404,6 +419,7 @@ def _output_section(run: Run, lines: list[str]) -> None:
                     if results.many_slowest.count
                     else []
                 )
+                + _unix_comparisons(results)
                 + _transport_comparisons(results),
             )
             + "\n"
@@ -432,6 +448,7 @@ def _output_section(run: Run, lines: list[str]) -> None:
                 ),
             )
         )
+    _unix_targets(run, results)
     lines += _output_limits(results)
     if results.errors:
         lines.append("Errors: " + "; ".join(results.errors) + "\n")
@@ -457,6 +474,63 @@ def _output_section(run: Run, lines: list[str]) -> None:
         "busybox head rejects the `G` suffix and copies 4 KiB at a time. The one run with "
         "`head -c 1073741824` above shows what that costs.\n"
     )
+
+
+def _unix_comparisons(results: output_bench.OutputResults) -> list[tuple[str, str]]:
+    """Return the rows that compare followers over a Unix socket with the file write and TCP."""
+    one, many = results.unix_one, results.unix_many_slowest
+    if not one.count:
+        return []
+    rows = [
+        (
+            "1 follower over a Unix socket / file write, rate",
+            f"{results.file_write.p(50) / one.p(50):.2f}",
+        ),
+        (
+            "1 follower: over TCP / over a Unix socket, time",
+            f"{results.one_follower.p(50) / one.p(50):.2f}",
+        ),
+    ]
+    if many.count:
+        rows.append(
+            (
+                f"over a Unix socket: slowest of {results.followers} followers / 1 follower, time",
+                f"{many.p(50) / one.p(50):.1f}x",
+            )
+        )
+    return rows
+
+
+def _unix_targets(run: Run, results: output_bench.OutputResults) -> None:
+    """Judge the two output targets again for followers over a Unix socket."""
+    one, many = results.unix_one, results.unix_many_slowest
+    if not (one.count and results.file_write.count):
+        return
+    share = results.file_write.p(50) / one.p(50)
+    share_fast = results.file_write.p(10) / one.p(10)
+    run.targets.append(
+        (
+            "output over a Unix socket (`--ServerApp.sock`): 1 follower at least half the "
+            "file-write rate",
+            f"{share:.2f} times its rate ({share_fast:.2f} at the p10 times)",
+            _output_verdict(
+                share >= FOLLOWER_SHARE_OF_FILE_WRITE, share_fast >= FOLLOWER_SHARE_OF_FILE_WRITE
+            ),
+        )
+    )
+    if many.count:
+        factor = many.p(50) / one.p(50)
+        factor_fast = many.p(10) / one.p(10)
+        run.targets.append(
+            (
+                f"output over a Unix socket: {results.followers} followers each get every byte "
+                "in at most 3x the 1-follower time",
+                f"{factor:.1f}x ({factor_fast:.1f}x at the p10 times)",
+                _output_verdict(
+                    factor <= MANY_FOLLOWERS_FACTOR, factor_fast <= MANY_FOLLOWERS_FACTOR
+                ),
+            )
+        )
 
 
 def _transport_comparisons(results: output_bench.OutputResults) -> list[tuple[str, str]]:

@@ -73,6 +73,13 @@ def maybe_under_test(server: Any) -> output_bench.ServerUnderTest | None:
     return None if server is None else under_test(server)
 
 
+def unix_under_test(server: Any) -> output_bench.ServerUnderTest | None:
+    """Return :func:`under_test` of a server on a Unix socket, or None when none was started."""
+    if server is None:
+        return None
+    return under_test(server, Api(0, ALICE, sock=server.sock))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -215,6 +222,7 @@ def main(argv: list[str]) -> int:
     server = None
     plain_server = None
     direct_server = None
+    unix_server = None
     try:
         if "start" in sections or "output" in sections:
             server = start_server(server_base)
@@ -242,6 +250,9 @@ def main(argv: list[str]) -> int:
                     os.path.join(temp, "server-direct"),
                     ["--LinuxWorkerApp.output_relay=False"],
                 )
+                unix_server = start_server(
+                    os.path.join(temp, "server-unix"), sock=os.path.join(temp, "server.sock")
+                )
             try:
                 run.output = section(
                     "output",
@@ -253,10 +264,11 @@ def main(argv: list[str]) -> int:
                         args.followers,
                         maybe_under_test(plain_server),
                         maybe_under_test(direct_server),
+                        unix_under_test(unix_server),
                     ),
                 )
             finally:
-                for extra in (plain_server, direct_server):
+                for extra in (plain_server, direct_server, unix_server):
                     if extra is not None:
                         extra.stop()
             api.close()

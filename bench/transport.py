@@ -1,13 +1,15 @@
-"""The transport under the followers, alone: sendfile over loopback TCP, no server, no job.
+"""The transport under the followers, alone: sendfile over a local socket, no server, no job.
 
 A thread per reader sends a file that is already in the page cache with os.sendfile, and each
 reader is a process that reads its socket into a 1 MiB buffer until the end. There is no HTTP,
-no event loop and no log being written meanwhile, so the times and CPU seconds are a floor for
-any server that delivers a log over TCP on this machine.
+no event loop and no log being written meanwhile, so over loopback TCP the times and CPU
+seconds are a floor for any server that delivers a log over TCP on this machine. The same over
+a Unix socket shows what a local follower could gain from one.
 
-Run as a script, this file is one reader: ``transport.py PORT`` connects, reads to the end and
-prints one JSON line with the byte count, the CLOCK_MONOTONIC time of its last byte and the
-CPU seconds it spent after connecting.
+Run as a script, this file is one reader. ``transport.py ADDRESS`` connects to ADDRESS, a
+port on 127.0.0.1 or the path of a Unix socket, and reads to the end. Then it prints one JSON
+line: the byte count, the CLOCK_MONOTONIC time of its last byte, and the CPU seconds it spent
+after connecting.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -37,25 +40,33 @@ class TransportRun:
     reader_cpu: float  # CPU seconds of all readers together
 
 
-def deliver(path: str, readers: int) -> TransportRun:
+def deliver(path: str, readers: int, unix: bool = False) -> TransportRun:
     """Send the file at ``path`` to ``readers`` reader processes at once; time it.
 
-    Raise RuntimeError when a reader does not receive every byte.
+    The readers connect over loopback TCP, or with ``unix`` over a Unix socket. Raise
+    RuntimeError when a reader does not receive every byte.
     """
     size = os.path.getsize(path)
-    listener = socket.create_server((LOOPBACK, 0))
-    listener.settimeout(CONNECT_TIMEOUT)
-    port = listener.getsockname()[1]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), str(port)], stdout=subprocess.PIPE
-        )
-        for _ in range(readers)
-    ]
-    try:
-        connections = [listener.accept()[0] for _ in range(readers)]
-    finally:
-        listener.close()
+    with tempfile.TemporaryDirectory(prefix="linuxworker-transport-") as folder:
+        if unix:
+            address = os.path.join(folder, "socket")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(address)
+            listener.listen(readers)
+        else:
+            listener = socket.create_server((LOOPBACK, 0))
+            address = str(listener.getsockname()[1])
+        listener.settimeout(CONNECT_TIMEOUT)
+        processes = [
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), address], stdout=subprocess.PIPE
+            )
+            for _ in range(readers)
+        ]
+        try:
+            connections = [listener.accept()[0] for _ in range(readers)]
+        finally:
+            listener.close()
 
     # Each thread measures its own CPU time, which counts the kernel's work in sendfile.
     sender_cpu = [0.0] * readers
@@ -96,9 +107,17 @@ def deliver(path: str, readers: int) -> TransportRun:
     )
 
 
-def read(port: int) -> dict[str, float]:
-    """Read everything the sender on ``port`` sends; return the count, last byte time and CPU."""
-    with socket.create_connection((LOOPBACK, port)) as connection:
+def read(address: str) -> dict[str, float]:
+    """Read everything the sender at ``address`` sends; return the count, last byte time and CPU.
+
+    ``address`` is a port on 127.0.0.1, or the path of a Unix socket.
+    """
+    if address.isdigit():
+        connection = socket.create_connection((LOOPBACK, int(address)))
+    else:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.connect(address)
+    with connection:
         cpu_start = os.times()
         buffer = bytearray(READ_SIZE)
         count = 0
@@ -112,4 +131,4 @@ def read(port: int) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(json.dumps(read(int(sys.argv[1]))) + "\n")
+    sys.stdout.write(json.dumps(read(sys.argv[1])) + "\n")
