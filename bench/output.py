@@ -474,13 +474,13 @@ def run(
                 results.many_server_cpu.add(reports[0]["server_cpu_per_gib"])
                 results.many_cpu.add(reports[0]["split"])
 
-        for other, samples in (
+        for other, figures in (
             (plain, (results.plain_one, results.plain_one_server_cpu, results.plain_many_slowest)),
             (unix, (results.unix_one, results.unix_one_server_cpu, results.unix_many_slowest)),
         ):
             if other is not None:
                 one_then_many(
-                    other, results, settle, samples, followers if index < many_runs else 0
+                    other, results, settle, figures, followers if index < many_runs else 0
                 )
 
         if direct is not None:

@@ -413,7 +413,7 @@ def run(base: str, count: int, followers: int, requests: int) -> ScaleResults:
         streamer = Api(server.port, BOB)
         stream_job = streamer.submit({"command": STREAM_COMMAND, "name": "bench-stream"})
         others.append(stream_job["id"])
-        readers = Followers(server.port, BOB, followers)
+        readers = Followers(streamer.address, BOB, followers)
         readers.start(stream_job["id"])
         time.sleep(1)
         get_latency(api, ids, requests, results)
