@@ -349,13 +349,19 @@ class OutputHandler(LinuxWorkerHandler):
         Tornado's own writes copy each chunk in Python, which costs a follower of a fast job
         more CPU than the job. Tornado's buffer is empty here (the headers were flushed) and
         it writes nothing until this returns, so the socket is free for these writes.
+
+        The writes go to a duplicate of the socket's descriptor. Tornado closes its own
+        descriptor once it finds that the reader has left. A write still waiting on that
+        number would then fail with EBADF, and the number may already belong to a new
+        connection.
         """
         loop = asyncio.get_running_loop()
-        sock = connection.stream.socket
-        if sock is None:
+        stream_socket = connection.stream.socket
+        if stream_socket is None:
             raise StreamClosedError()
         path = self.app.manager.output_path(job_id)
         with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(stream_socket.dup())
             log_file: BinaryIO | None = None
             async for start, length in self.app.manager.follow_extents(job_id, offset):
                 if log_file is None:

@@ -107,7 +107,7 @@ class ServerProcess:
         raise RuntimeError(f"the server did not answer within {START_TIMEOUT} s:\n{self.log()}")
 
     def _probe(self) -> None:
-        """Send one request to the API; raise OSError while the server does not answer."""
+        """Send one request to the API; raise OSError until the server responds."""
         if self.sock is None:
             request("GET", self.api + "images", "alice-token")
             return
@@ -207,3 +207,55 @@ def running_server(base: Path, extra: Sequence[str] = ()) -> Iterator[ServerProc
                 request("POST", f"{process.api}jobs/{job['id']}/stop", ADMIN_TOKEN, {"grace": 0})
         process.stop()
     assert_no_job_leftovers(process.state_dir)
+
+
+def log_size(server: ServerProcess) -> int:
+    """Return how many bytes the server has written to its log so far."""
+    return os.path.getsize(server.log_path)
+
+
+def log_since(server: ServerProcess, start: int) -> str:
+    """Return what the server wrote to its log after its first ``start`` bytes."""
+    with open(server.log_path, "rb") as log:
+        log.seek(start)
+        return log.read().decode(errors="replace")
+
+
+def leave_mid_stream(server: ServerProcess, job_id: str, token: str, times: int) -> None:
+    """Follow a job with the command line ``times`` times, closing its stdout after 5 bytes.
+
+    As `jupyter linuxworker logs -f ID | head -c 5` does: the command line stops at the closed
+    pipe, and its connection closes with bytes unread.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "jupyter_linuxworker.cli",
+        "logs",
+        "--url",
+        server.url,
+        "--token",
+        token,
+        job_id,
+        "-f",
+    ]
+    for _ in range(times):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert process.stdout is not None
+        assert process.stdout.read(5) == b"\0" * 5
+        process.stdout.close()
+        assert process.wait(timeout=30) == 128 + signal.SIGPIPE
+
+
+def assert_server_took_it_quietly(server: ServerProcess, baseline_fds: int, log_start: int) -> None:
+    """Assert that the server logged no traceback after ``log_start`` and holds no more open
+    descriptors than ``baseline_fds`` once its connections have closed (within 5 s)."""
+    assert server.process is not None
+    fd_dir = f"/proc/{server.process.pid}/fd"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(os.listdir(fd_dir)) > baseline_fds:
+        time.sleep(0.1)
+    written = log_since(server, log_start)
+    assert "Traceback" not in written
+    assert "Uncaught exception" not in written
+    assert len(os.listdir(fd_dir)) <= baseline_fds

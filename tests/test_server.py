@@ -14,7 +14,15 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import processes_with_cmdline
-from server import ServerProcess, all_jobs, request, running_server
+from server import (
+    ServerProcess,
+    all_jobs,
+    assert_server_took_it_quietly,
+    leave_mid_stream,
+    log_size,
+    request,
+    running_server,
+)
 
 from jupyter_linuxworker.client import AsyncClient, Client, LinuxWorkerError
 
@@ -29,6 +37,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     extra = [f"--LinuxWorkerApp.max_running_jobs_per_user={MAX_RUNNING}"]
     with running_server(tmp_path_factory.mktemp("server"), extra) as process:
         yield process
+
+
+# Readers that leave a job's stream early, one after the other, and the job's output size.
+FOLLOWERS_THAT_LEAVE = 5
+LEAVING_OUTPUT = 50_000_000
 
 
 def submit(server: ServerProcess, body: dict[str, object], token: str = ALICE) -> dict[str, object]:
@@ -379,6 +392,20 @@ def test_disconnected_follower_leaves_nothing(server: ServerProcess) -> None:
 
     assert inotify_watches(pid) == baseline_watches
     assert len(os.listdir(f"/proc/{pid}/fd")) <= baseline_fds
+
+
+def test_follower_that_leaves_mid_stream_raises_nothing(server: ServerProcess) -> None:
+    assert server.process is not None
+    pid = server.process.pid
+    # An ended job: the server sends its whole log at once, and waits on the reader.
+    job = submit(server, {"command": f"head -c {LEAVING_OUTPUT} /dev/zero"})
+    wait_ended(server, str(job["id"]), ALICE)
+    baseline_fds = len(os.listdir(f"/proc/{pid}/fd"))
+    log_start = log_size(server)
+
+    leave_mid_stream(server, str(job["id"]), ALICE, FOLLOWERS_THAT_LEAVE)
+
+    assert_server_took_it_quietly(server, baseline_fds, log_start)
 
 
 def test_pagination_two_hundred_jobs(server: ServerProcess) -> None:
