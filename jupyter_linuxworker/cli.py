@@ -212,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(describe_spec_error(error.field, str(error)))
         return EXIT_USAGE
     except LinuxWorkerError as error:
+        if error.field == "url":
+            # A server URL that names no server is a bad value, as a bad option is.
+            _error(f"--url: {error}" if getattr(options, "url", None) else error)
+            return EXIT_USAGE
         _error(describe_spec_error(error.field, str(error)))
         return cli_remote.exit_code_of_error(error)
     except ImageError as error:
@@ -225,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # tools do. stdout is pointed at /dev/null so that flushing at exit fails no more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except cli_remote.OutputWriteError as error:
+        # The same for the bytes still buffered, which could not be written either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _error(error)
+        return cli_remote.EXIT_ERROR
 
 
 def _error(message: Any) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 from .client import Client, Job, LinuxWorkerError
 
@@ -24,6 +25,28 @@ EXIT_OF_STATUS: Final = {
     429: EXIT_CONFLICT,
     0: EXIT_UNREACHABLE,
 }
+
+
+class OutputWriteError(Exception):
+    """Standard output refused the job's output, as a full disk does."""
+
+
+def write_output(target: BinaryIO, data: bytes) -> None:
+    """Write all of ``data`` to ``target``'s descriptor; a refused write raises OutputWriteError.
+
+    The bytes bypass the buffer: Python's buffered writer can lose the error of a large write
+    to a pipe whose reader has gone. BrokenPipeError passes through, since a reader that went
+    away is not an error of the output.
+    """
+    view = memoryview(data)
+    try:
+        target.flush()
+        while view:
+            view = view[os.write(target.fileno(), view) :]
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise OutputWriteError(f"cannot write the output to standard output: {error}") from None
 
 
 def exit_code_of_error(error: LinuxWorkerError) -> int:
@@ -64,11 +87,9 @@ def logs(client: Client, options: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     if options.follow:
         for chunk in client.follow(options.job_id, options.offset):
-            out.write(chunk)
-            out.flush()
+            write_output(out, chunk)
     else:
-        out.write(client.output(options.job_id, options.offset))
-        out.flush()
+        write_output(out, client.output(options.job_id, options.offset))
     return EXIT_OK
 
 

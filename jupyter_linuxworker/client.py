@@ -70,10 +70,15 @@ def unix_socket_path(url: str) -> str | None:
     return urllib.parse.unquote(parts.netloc)
 
 
-def describe_server(url: str) -> str:
-    """Return ``url`` for a message, with the socket's path where it is an http+unix URL."""
+def unreachable(url: str, error: OSError) -> LinuxWorkerError:
+    """Return the error for a server at ``url`` that could not be reached, for ``error``."""
     path = unix_socket_path(url)
-    return url if path is None else f"{url} (Unix socket {path})"
+    if path is None:
+        return LinuxWorkerError(f"cannot reach the Jupyter server at {url}: {error}")
+    return LinuxWorkerError(
+        f"cannot reach the Jupyter server at {url} (Unix socket {path}): {error}; "
+        f"is a server running with --ServerApp.sock={path}?"
+    )
 
 
 def check_url(url: str) -> urllib.parse.SplitResult:
@@ -84,7 +89,7 @@ def check_url(url: str) -> urllib.parse.SplitResult:
     else:
         valid = parts.scheme in ("http", "https") and bool(parts.hostname)
     if not valid:
-        raise LinuxWorkerError(f"invalid server URL {url!r}: expected {URL_FORMS}")
+        raise LinuxWorkerError(f"invalid server URL {url!r}: expected {URL_FORMS}", field="url")
     return parts
 
 
@@ -238,6 +243,8 @@ class Client:
     def __init__(
         self, url: str | None = None, token: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
+        if url:
+            check_url(url)
         self.server = discover(url, token)
         self.timeout = timeout
         self._parts = check_url(self.server.url)
@@ -274,9 +281,7 @@ class Client:
             response = connection.getresponse()
         except OSError as error:
             connection.close()
-            raise LinuxWorkerError(
-                f"cannot reach the Jupyter server at {describe_server(self.server.url)}: {error}"
-            ) from None
+            raise unreachable(self.server.url, error) from None
         if response.status >= 400:
             data = response.read()
             connection.close()
@@ -396,6 +401,8 @@ class AsyncClient:
     def __init__(
         self, url: str | None = None, token: str | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
+        if url:
+            check_url(url)
         self.server = discover(url, token)
         self.timeout = timeout
         parts = check_url(self.server.url)
@@ -456,9 +463,7 @@ class AsyncClient:
             body = error.response.body if error.response is not None else b""
             raise _api_error(error.code, body) from None
         except OSError as error:
-            raise LinuxWorkerError(
-                f"cannot reach the Jupyter server at {describe_server(self.server.url)}: {error}"
-            ) from None
+            raise unreachable(self.server.url, error) from None
 
     async def _json(
         self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None

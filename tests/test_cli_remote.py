@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,36 @@ def test_delete_and_exit_codes(server: ServerProcess) -> None:
     assert invalid.stderr.startswith(b"jupyter linuxworker: --memory: invalid value 'lots': ")
     forbidden = cli(server, "list", token="wrong")
     assert forbidden.returncode == 5
+
+
+def test_logs_to_a_closed_pipe_ends_quietly(server: ServerProcess) -> None:
+    job_id = submitted_id(cli(server, "submit", "--", "head -c 50000000 /dev/zero"))
+    cli(server, "logs", job_id, "-f")
+
+    for follow in ((), ("-f",)):
+        # As in `jupyter linuxworker logs ID | head -c 5`: the reader closes the pipe early.
+        command = [*CLI, "logs", "--url", server.url, "--token", "alice-token", job_id, *follow]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.read(5) == b"\0" * 5
+        process.stdout.close()
+        assert (process.wait(timeout=30), process.stderr.read()) == (128 + signal.SIGPIPE, b"")
+        process.stderr.close()
+
+
+def test_logs_to_a_full_disk_says_so(server: ServerProcess) -> None:
+    job_id = submitted_id(cli(server, "submit", "--", "head -c 1000000 /dev/zero"))
+    cli(server, "logs", job_id, "-f")
+
+    for follow in ((), ("-f",)):
+        command = [*CLI, "logs", "--url", server.url, "--token", "alice-token", job_id, *follow]
+        with open("/dev/full", "wb") as full:
+            result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, timeout=60)
+        assert (result.returncode, result.stderr) == (
+            1,
+            b"jupyter linuxworker: cannot write the output to standard output: "
+            b"[Errno 28] No space left on device\n",
+        )
 
 
 def test_unreachable_server(server: ServerProcess) -> None:

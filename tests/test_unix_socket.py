@@ -13,7 +13,15 @@ from collections.abc import Iterator
 
 import pytest
 from jupyter_client.blocking import BlockingKernelClient
-from server import ADMIN_TOKEN, ServerProcess, assert_no_job_leftovers, server_in
+from server import (
+    ADMIN_TOKEN,
+    ServerProcess,
+    assert_no_job_leftovers,
+    assert_server_took_it_quietly,
+    leave_mid_stream,
+    log_size,
+    server_in,
+)
 from test_kernel_env import assert_kernel_runs_job
 
 from jupyter_linuxworker.client import AsyncClient, Client, LinuxWorkerError, UnixHTTPConnection
@@ -21,6 +29,9 @@ from jupyter_linuxworker.client import AsyncClient, Client, LinuxWorkerError, Un
 CLI = [sys.executable, "-m", "jupyter_linuxworker.cli"]
 # Far more than a Unix socket's default send buffer (net.core.wmem_default, 208 KiB).
 LARGE_OUTPUT = 8 * 1024 * 1024
+# Readers that leave a job's stream early, one after the other, and the job's output size.
+FOLLOWERS_THAT_LEAVE = 5
+LEAVING_OUTPUT = 50_000_000
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +73,20 @@ def test_large_output_arrives_whole(server: ServerProcess) -> None:
     assert len(received) == LARGE_OUTPUT
     assert received.count(0) == LARGE_OUTPUT
     assert job.wait(timeout=30).status == "COMPLETED"
+
+
+def test_follower_that_leaves_mid_stream_raises_nothing(server: ServerProcess) -> None:
+    assert server.process is not None
+    pid = server.process.pid
+    # An ended job: the server sends its whole log at once, and waits on the reader.
+    job = Client(server.url, "alice-token").submit(f"head -c {LEAVING_OUTPUT} /dev/zero")
+    job.wait(timeout=60)
+    baseline_fds = len(os.listdir(f"/proc/{pid}/fd"))
+    log_start = log_size(server)
+
+    leave_mid_stream(server, job.id, "alice-token", FOLLOWERS_THAT_LEAVE)
+
+    assert_server_took_it_quietly(server, baseline_fds, log_start)
 
 
 def test_async_client_follows(server: ServerProcess) -> None:
@@ -124,8 +149,21 @@ def test_bad_socket_urls_name_the_problem() -> None:
     with pytest.raises(LinuxWorkerError) as relative:
         Client("http+unix://relative.sock/", "alice-token")
     assert str(relative.value) == (
-        "invalid server URL 'http+unix://relative.sock/linuxworker/api/': expected "
+        "invalid server URL 'http+unix://relative.sock/': expected "
         "http(s)://HOST:PORT/... or http+unix://%2Fpath%2Fto%2Fsocket/..."
+    )
+    assert relative.value.field == "url"
+
+    result = subprocess.run(
+        [*CLI, "list", "--url", "http+unix://relative.sock/", "--token", "alice-token"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (
+        2,
+        b"jupyter linuxworker: --url: invalid server URL 'http+unix://relative.sock/': "
+        b"expected http(s)://HOST:PORT/... or http+unix://%2Fpath%2Fto%2Fsocket/...\n",
     )
 
     missing = tempfile.mkdtemp(prefix="lw-sock-")
@@ -135,7 +173,8 @@ def test_bad_socket_urls_name_the_problem() -> None:
             Client(url, "alice-token").list()
         assert str(absent.value) == (
             f"cannot reach the Jupyter server at {url}linuxworker/api/ "
-            f"(Unix socket {missing}/absent.sock): [Errno 2] No such file or directory"
+            f"(Unix socket {missing}/absent.sock): [Errno 2] No such file or directory; "
+            f"is a server running with --ServerApp.sock={missing}/absent.sock?"
         )
     finally:
         os.rmdir(missing)
