@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from . import cli_local, cli_remote
+from .cli_output import OutputWriteError
 from .client import Client, LinuxWorkerError
 from .options import add_spec_options, command_from_words, describe_spec_error, spec_from_options
 from .sandbox.images import ImageError
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # tools do. stdout is pointed at /dev/null so that flushing at exit fails no more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except cli_remote.OutputWriteError as error:
+    except OutputWriteError as error:
         # The same for the bytes still buffered, which could not be written either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         _error(error)

@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import Final
 
+from .cli_output import OutputWriteError, write_output
 from .sandbox import outputlog
 from .sandbox.images import ImageStore
 from .sandbox.manager import JobManager, default_state_dir
@@ -23,9 +24,10 @@ STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _write_piece(stream: int, data: bytes) -> None:
-    target = sys.stdout.buffer if stream == outputlog.STDOUT else sys.stderr.buffer
-    target.write(data)
-    target.flush()
+    if stream == outputlog.STDOUT:
+        write_output(sys.stdout.buffer, data)
+    else:
+        write_output(sys.stderr.buffer, data, "standard error")
 
 
 def exit_code_of(record: JobRecord) -> int:
@@ -59,9 +61,9 @@ async def run_job(options: argparse.Namespace, spec: dict[str, object]) -> int:
             async for stream, data in manager.follow_streams(job.id):
                 _write_piece(stream, data)
             record = await manager.wait(job.id)
-        except BrokenPipeError:
-            # The reader of the output has closed the pipe, so the job ends at once, as a
-            # foreground command in that pipeline would.
+        except (BrokenPipeError, OutputWriteError):
+            # The reader of the output has closed the pipe, or the output has nowhere to go,
+            # so the job ends at once, as a foreground command in that pipeline would.
             await manager.stop(job.id, grace=0)
             raise
         finally:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
+from .cli_output import write_output
 from .client import Client, Job, LinuxWorkerError
 
 # Exit codes a script can test; the README lists them.
@@ -25,28 +25,6 @@ EXIT_OF_STATUS: Final = {
     429: EXIT_CONFLICT,
     0: EXIT_UNREACHABLE,
 }
-
-
-class OutputWriteError(Exception):
-    """Standard output refused the job's output, as a full disk does."""
-
-
-def write_output(target: BinaryIO, data: bytes) -> None:
-    """Write all of ``data`` to ``target``'s descriptor; a refused write raises OutputWriteError.
-
-    The bytes bypass the buffer: Python's buffered writer can lose the error of a large write
-    to a pipe whose reader has gone. BrokenPipeError passes through, since a reader that went
-    away is not an error of the output.
-    """
-    view = memoryview(data)
-    try:
-        target.flush()
-        while view:
-            view = view[os.write(target.fileno(), view) :]
-    except BrokenPipeError:
-        raise
-    except OSError as error:
-        raise OutputWriteError(f"cannot write the output to standard output: {error}") from None
 
 
 def exit_code_of_error(error: LinuxWorkerError) -> int:

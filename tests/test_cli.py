@@ -155,6 +155,23 @@ def test_run_timeout_exit_code(cli: list[str]) -> None:
     assert b"FAILED: timed out after 1 s" in result.stderr
 
 
+def test_full_disk_under_stdout_stops_the_job(cli: list[str]) -> None:
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [*cli, "run", "--", "while :; do head -c 65536 /dev/zero; done"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+
+    assert (result.returncode, result.stderr) == (
+        1,
+        b"jupyter linuxworker: cannot write the output to standard output: "
+        b"[Errno 28] No space left on device\n",
+    )
+
+
 def test_closed_stdout_ends_quietly(cli: list[str]) -> None:
     # As in `jupyter linuxworker run ... | head -c 5`: the reader closes the pipe early.
     process = subprocess.Popen(
