@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import BinaryIO
 
@@ -20,8 +21,15 @@ def write_output(target: BinaryIO, data: bytes, name: str = "standard output") -
     view = memoryview(data)
     try:
         target.flush()
+        try:
+            descriptor = target.fileno()
+        except io.UnsupportedOperation:
+            # A stream in memory, as a test's captured output is, has no descriptor to bypass.
+            target.write(data)
+            target.flush()
+            return
         while view:
-            view = view[os.write(target.fileno(), view) :]
+            view = view[os.write(descriptor, view) :]
     except BrokenPipeError:
         raise
     except OSError as error:

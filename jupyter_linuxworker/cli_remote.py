@@ -32,12 +32,22 @@ def exit_code_of_error(error: LinuxWorkerError) -> int:
     return EXIT_OF_STATUS.get(error.status, EXIT_ERROR)
 
 
+def _print(text: str, end: str = "\n") -> None:
+    """Print ``text`` as print() does, with a refused write raised as OutputWriteError."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        # A text-only stdout, such as a notebook's, takes text.
+        print(text, end=end)
+        return
+    write_output(buffer, (text + end).encode(sys.stdout.encoding or "utf-8", "replace"))
+
+
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2))
+    _print(json.dumps(data, indent=2))
 
 
 def _print_status(client: Client, job: dict[str, Any]) -> None:
-    print(Job(client, job).summary(), end="")
+    _print(Job(client, job).summary(), end="")
 
 
 def submit(client: Client, options: argparse.Namespace, spec: dict[str, Any]) -> int:
@@ -46,7 +56,7 @@ def submit(client: Client, options: argparse.Namespace, spec: dict[str, Any]) ->
     if options.json:
         _print_json(job.data)
     else:
-        print(f"Id of submitted job: {job.id}")
+        _print(f"Id of submitted job: {job.id}")
     return EXIT_OK
 
 
@@ -87,7 +97,7 @@ def delete(client: Client, options: argparse.Namespace) -> int:
     if options.json:
         _print_json({"id": options.job_id, "deleted": True})
     else:
-        print(f"Deleted job {options.job_id}")
+        _print(f"Deleted job {options.job_id}")
     return EXIT_OK
 
 
@@ -101,11 +111,11 @@ def list_jobs(client: Client, options: argparse.Namespace) -> int:
     if options.json:
         _print_json(jobs)
         return EXIT_OK
-    print(f"{'ID':<12}  {'STATUS':<9}  {'EXIT':>4}  {'CREATED':<24}  NAME")
+    _print(f"{'ID':<12}  {'STATUS':<9}  {'EXIT':>4}  {'CREATED':<24}  NAME")
     for job in jobs:
         code = "" if job["exit_code"] is None else str(job["exit_code"])
         created = job["created_at"]
-        print(f"{job['id'][:12]:<12}  {job['status']:<9}  {code:>4}  {created:<24}  {job['name']}")
+        _print(f"{job['id'][:12]:<12}  {job['status']:<9}  {code:>4}  {created:<24}  {job['name']}")
     return EXIT_OK
 
 
@@ -116,5 +126,5 @@ def images(client: Client, options: argparse.Namespace) -> int:
         _print_json(found)
         return EXIT_OK
     for image in found:
-        print(f"{image['name']}\t{image['files']} files\t{image['size']} bytes\t{image['source']}")
+        _print(f"{image['name']}\t{image['files']} files\t{image['size']} bytes\t{image['source']}")
     return EXIT_OK

@@ -39,7 +39,10 @@ READ_CHUNK: Final = 64 * 1024
 UNIX_SCHEME: Final = "http+unix"
 # The Host header of a request over a Unix socket, which has no host name of its own.
 UNIX_HOST: Final = "localhost"
-URL_FORMS: Final = "http(s)://HOST:PORT/... or http+unix://%2Fpath%2Fto%2Fsocket/..."
+URL_FORMS: Final = (
+    "http(s)://HOST:PORT/... or http+unix://%2Fpath%2Fto%2Fsocket/... "
+    "(the socket's absolute path, percent-encoded)"
+)
 ENDED: Final = frozenset({"COMPLETED", "FAILED", "STOPPED", "LOST"})
 TRUNCATED_NOTE: Final = "cut short; the log ends with a marker that gives the reason"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import mounts_below, processes_with_cmdline
 
+from jupyter_linuxworker import cli_remote
+from jupyter_linuxworker.cli_output import write_output
 from jupyter_linuxworker.sandbox.cgroups import CgroupLayout
 from jupyter_linuxworker.sandbox.store import DATABASE_NAME, JobStore
 
@@ -183,3 +187,15 @@ def test_closed_stdout_ends_quietly(cli: list[str]) -> None:
     errors = process.stderr.read()
     assert process.wait(timeout=30) == 128 + signal.SIGPIPE
     assert errors == b""
+
+
+def test_output_to_streams_without_a_descriptor() -> None:
+    # A test's captured output and a notebook's stdout have no descriptor to write to.
+    buffer = io.BytesIO()
+    write_output(buffer, b"a\0b")
+    assert buffer.getvalue() == b"a\0b"
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        cli_remote._print("printed")
+    assert text.getvalue() == "printed\n"

@@ -127,8 +127,8 @@ def test_logs_to_a_full_disk_says_so(server: ServerProcess) -> None:
     job_id = submitted_id(cli(server, "submit", "--", "head -c 1000000 /dev/zero"))
     cli(server, "logs", job_id, "-f")
 
-    for follow in ((), ("-f",)):
-        command = [*CLI, "logs", "--url", server.url, "--token", "alice-token", job_id, *follow]
+    for args in (("logs", job_id), ("logs", job_id, "-f"), ("status", job_id), ("list",)):
+        command = [*CLI, args[0], "--url", server.url, "--token", "alice-token", *args[1:]]
         with open("/dev/full", "wb") as full:
             result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, timeout=60)
         assert (result.returncode, result.stderr) == (

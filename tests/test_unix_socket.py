@@ -150,7 +150,8 @@ def test_bad_socket_urls_name_the_problem() -> None:
         Client("http+unix://relative.sock/", "alice-token")
     assert str(relative.value) == (
         "invalid server URL 'http+unix://relative.sock/': expected "
-        "http(s)://HOST:PORT/... or http+unix://%2Fpath%2Fto%2Fsocket/..."
+        "http(s)://HOST:PORT/... or http+unix://%2Fpath%2Fto%2Fsocket/... "
+        "(the socket's absolute path, percent-encoded)"
     )
     assert relative.value.field == "url"
 
@@ -163,7 +164,8 @@ def test_bad_socket_urls_name_the_problem() -> None:
     assert (result.returncode, result.stderr) == (
         2,
         b"jupyter linuxworker: --url: invalid server URL 'http+unix://relative.sock/': "
-        b"expected http(s)://HOST:PORT/... or http+unix://%2Fpath%2Fto%2Fsocket/...\n",
+        b"expected http(s)://HOST:PORT/... or http+unix://%2Fpath%2Fto%2Fsocket/... "
+        b"(the socket's absolute path, percent-encoded)\n",
     )
 
     missing = tempfile.mkdtemp(prefix="lw-sock-")
