@@ -64,7 +64,9 @@ async def run_job(options: argparse.Namespace, spec: dict[str, object]) -> int:
         except (BrokenPipeError, OutputWriteError):
             # The reader of the output has closed the pipe, or the output has nowhere to go,
             # so the job ends at once, as a foreground command in that pipeline would.
-            await manager.stop(job.id, grace=0)
+            record = await manager.stop(job.id, grace=0)
+            if options.stats:
+                sys.stderr.write(format_stats(record))
             raise
         finally:
             for signum in STOP_SIGNALS:

@@ -162,17 +162,23 @@ def test_run_timeout_exit_code(cli: list[str]) -> None:
 def test_full_disk_under_stdout_stops_the_job(cli: list[str]) -> None:
     with open("/dev/full", "wb") as full:
         result = subprocess.run(
-            [*cli, "run", "--", "while :; do head -c 65536 /dev/zero; done"],
+            [*cli, "run", "--stats", "--", "while :; do head -c 65536 /dev/zero; done"],
             stdout=full,
             stderr=subprocess.PIPE,
             timeout=60,
             check=False,
         )
 
-    assert (result.returncode, result.stderr) == (
-        1,
-        b"jupyter linuxworker: cannot write the output to standard output: "
-        b"[Errno 28] No space left on device\n",
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 1
+    assert lines[1:3] == [
+        "jupyter linuxworker: status: STOPPED",
+        "jupyter linuxworker: exit code: 137",
+    ]
+    assert lines[3].startswith("jupyter linuxworker: reason: stopped")
+    assert lines[-1] == (
+        "jupyter linuxworker: cannot write the output to standard output: "
+        "[Errno 28] No space left on device"
     )
 
 
