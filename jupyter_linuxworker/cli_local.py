@@ -18,6 +18,8 @@ from .sandbox.units import format_size
 
 EXIT_ENGINE_ERROR: Final = 125
 DEMO_SLEEP_SECONDS: Final = 600
+# The record's detail for a job stopped because the reader of its output went away.
+READER_GONE: Final = "the reader of its output went away"
 DEMO_RUNNING_PAUSE: Final = 1.0
 # Closing the terminal (SIGHUP) stops the job as Ctrl-C does, so no job outlives its `run`.
 STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -61,10 +63,11 @@ async def run_job(options: argparse.Namespace, spec: dict[str, object]) -> int:
             async for stream, data in manager.follow_streams(job.id):
                 _write_piece(stream, data)
             record = await manager.wait(job.id)
-        except (BrokenPipeError, OutputWriteError):
+        except (BrokenPipeError, OutputWriteError) as error:
             # The reader of the output has closed the pipe, or the output has nowhere to go,
             # so the job ends at once, as a foreground command in that pipeline would.
-            record = await manager.stop(job.id, grace=0)
+            detail = READER_GONE if isinstance(error, BrokenPipeError) else str(error)
+            record = await manager.stop(job.id, grace=0, detail=detail)
             if options.stats:
                 sys.stderr.write(format_stats(record))
             raise

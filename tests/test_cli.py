@@ -171,18 +171,19 @@ def test_full_disk_under_stdout_stops_the_job(cli: list[str]) -> None:
 
     lines = result.stderr.decode().splitlines()
     assert result.returncode == 1
-    assert lines[1:3] == [
+    assert lines[1:4] == [
         "jupyter linuxworker: status: STOPPED",
         "jupyter linuxworker: exit code: 137",
+        "jupyter linuxworker: reason: stopped (cannot write the output to standard output: "
+        "[Errno 28] No space left on device)",
     ]
-    assert lines[3].startswith("jupyter linuxworker: reason: stopped")
     assert lines[-1] == (
         "jupyter linuxworker: cannot write the output to standard output: "
         "[Errno 28] No space left on device"
     )
 
 
-def test_closed_stdout_ends_quietly(cli: list[str]) -> None:
+def test_closed_stdout_ends_quietly(cli: list[str], state_dir: str) -> None:
     # As in `jupyter linuxworker run ... | head -c 5`: the reader closes the pipe early.
     process = subprocess.Popen(
         [*cli, "run", "--", "seq 1 2000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -193,6 +194,12 @@ def test_closed_stdout_ends_quietly(cli: list[str]) -> None:
     errors = process.stderr.read()
     assert process.wait(timeout=30) == 128 + signal.SIGPIPE
     assert errors == b""
+    store = JobStore(os.path.join(state_dir, DATABASE_NAME))
+    try:
+        [record] = store.list()
+    finally:
+        store.close()
+    assert (record.status.value, record.detail) == ("STOPPED", "the reader of its output went away")
 
 
 def test_output_to_streams_without_a_descriptor() -> None:

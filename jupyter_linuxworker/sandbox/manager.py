@@ -525,11 +525,17 @@ class JobManager:
 
     # -- stopping and deleting --------------------------------------------------------------
 
-    async def stop(self, job_id: str, grace: float | None = None, wait: bool = True) -> JobRecord:
+    async def stop(
+        self,
+        job_id: str,
+        grace: float | None = None,
+        wait: bool = True,
+        detail: str | None = None,
+    ) -> JobRecord:
         """Send SIGTERM to the job, then SIGKILL to all of it after ``grace`` seconds.
 
         Stopping an ended job changes nothing and is not an error. With ``wait``, return once
-        the job has ended.
+        the job has ended. ``detail`` is why, for the record; it defaults to a stop by request.
         """
         record = self.get(job_id)
         if record.status.ended:
@@ -538,9 +544,10 @@ class JobManager:
         if grace < 0:
             raise SpecError("grace", grace, "expected 0 or more seconds")
         job_dir = self._job_dir(job_id)
-        jobdir.write_json(
-            os.path.join(job_dir, jobdir.STOP_FILE), {"grace": grace, "requested_at": time.time()}
-        )
+        request: dict[str, object] = {"grace": grace, "requested_at": time.time()}
+        if detail:
+            request["detail"] = detail
+        jobdir.write_json(os.path.join(job_dir, jobdir.STOP_FILE), request)
         await self._launched(job_id)
         if self.get(job_id).status.ended:
             return self.get(job_id)

@@ -41,6 +41,8 @@ from jupyter_linuxworker.sandbox.mounts import RootSpec, SetupError
 from jupyter_linuxworker.sandbox.outputlog import STDERR, STDOUT, OutputWriter
 
 DRAIN_TIMEOUT: Final = 5.0
+# The record's detail for a stop whose request gives none, as the REST API's does.
+STOPPED_DETAIL: Final = "stopped by request"
 READY_MESSAGE: Final = b"ready"
 FAILED_MESSAGE: Final = b"failed"
 SUPERVISOR_TITLE: Final = "jupyter-linuxworker-supervisor"
@@ -74,6 +76,7 @@ class Supervisor:
         }
 
         self.stop_reason: str | None = None
+        self.stop_detail: str | None = None
         self.kill_deadline: float | None = None
         self.timeout_deadline: float | None = None
         self.pid1: int | None = None
@@ -107,17 +110,23 @@ class Supervisor:
         pending, self._signals_pending = self._signals_pending, set()
         if signal.SIGUSR1 in pending or signal.SIGTERM in pending:
             request = jobdir.read_json(os.path.join(self.job_dir, jobdir.STOP_FILE)) or {}
-            self.request_stop("stopped", float(request.get("grace", self.launch["grace"])))
+            grace = float(request.get("grace", self.launch["grace"]))
+            detail = request.get("detail")
+            self.request_stop("stopped", grace, str(detail) if detail else None)
         if signal.SIGCHLD in pending:
             self._reap()
 
     # -- stop and timeout -------------------------------------------------------------------
 
-    def request_stop(self, reason: str, grace: float) -> None:
-        """Send SIGTERM to the container now and SIGKILL to its cgroup after ``grace`` seconds."""
+    def request_stop(self, reason: str, grace: float, detail: str | None = None) -> None:
+        """Send SIGTERM to the container now and SIGKILL to its cgroup after ``grace`` seconds.
+
+        ``detail`` says why, for the job's record; the first request's reason and detail stay.
+        """
         deadline = time.monotonic() + max(0.0, grace)
         if self.stop_reason is None:
             self.stop_reason = reason
+            self.stop_detail = detail
             log.info("job %s: stop requested (%s), grace %.1f s", self.job_id, reason, grace)
             self._terminate()
         if self.kill_deadline is None or deadline < self.kill_deadline:
@@ -428,7 +437,7 @@ class Supervisor:
                 **outcome,
                 "status": "STOPPED",
                 "reason": "stopped",
-                "detail": "stopped by request",
+                "detail": self.stop_detail or STOPPED_DETAIL,
             }
         if self.stop_reason == "timeout":
             detail = f"timed out after {float(self.launch['timeout']):g} s"
