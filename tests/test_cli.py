@@ -171,9 +171,10 @@ def test_full_disk_under_stdout_stops_the_job(cli: list[str]) -> None:
 
     lines = result.stderr.decode().splitlines()
     assert result.returncode == 1
-    assert lines[1:4] == [
+    # With no grace, SIGTERM and SIGKILL follow each other, and either may end the shell.
+    assert lines[2] in (f"jupyter linuxworker: exit code: {code}" for code in (137, 143))
+    assert [lines[1], lines[3]] == [
         "jupyter linuxworker: status: STOPPED",
-        "jupyter linuxworker: exit code: 137",
         "jupyter linuxworker: reason: stopped (cannot write the output to standard output: "
         "[Errno 28] No space left on device)",
     ]
