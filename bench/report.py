@@ -714,6 +714,8 @@ def _transport_floors(results: output_bench.OutputResults, cpus: int) -> str:
         and results.one_server_cpu.count
     ):
         return ""
+
+    # One follower: the job, the log writer and the transport's two ends share the CPUs.
     writer = results.writer_cpu.p(50)
     sender, reader = one.sender_cpu.p(50), one.reader_cpu.p(50)
     job = results.one_cpu.job.p(50)
@@ -721,7 +723,6 @@ def _transport_floors(results: output_bench.OutputResults, cpus: int) -> str:
     total = job + writer + sender + reader
     floor = max(total / cpus, one.seconds.p(50))
     share = results.file_write.p(50) / floor
-    met = share >= FOLLOWER_SHARE_OF_FILE_WRITE
     text = [
         "The transport alone sets a floor that no server sending over TCP can go below. It "
         f"sent 1 GiB to one reader in {one.seconds.p(50):.2f} s, with {sender:.2f} s of CPU in "
@@ -730,41 +731,52 @@ def _transport_floors(results: output_bench.OutputResults, cpus: int) -> str:
         f"follower, {server / sender:.1f} times the sending thread's CPU. Add the job "
         f"({job:.2f} s) and the log writer ({writer:.2f} s) to the transport, and one follower "
         f"needs {total:.2f} s of CPU: at least {floor:.2f} s on {cpus} CPUs, at best "
-        f"{share:.2f} times the file-write rate. "
-        + (
+        f"{share:.2f} times the file-write rate."
+    ]
+    if share >= FOLLOWER_SHARE_OF_FILE_WRITE:
+        text.append(
             "So a server that cost no more than the transport could meet the one-follower "
             "target on this machine."
-            if met
-            else "So while a job's output goes through a pipe into a log and out over TCP, "
+        )
+    else:
+        text.append(
+            "So while a job's output goes through a pipe into a log and out over TCP, "
             "no server can meet the one-follower target on this machine."
         )
-    ]
-    if many.seconds.count and results.many_cpu.job.count:
-        many_total = (
-            results.many_cpu.job.p(50) + writer + many.sender_cpu.p(50) + many.reader_cpu.p(50)
+    if not (many.seconds.count and results.many_cpu.job.count):
+        return " ".join(text)
+
+    # Many followers: the same with the transport to as many readers.
+    many_sender = many.sender_cpu.p(50)
+    many_total = results.many_cpu.job.p(50) + writer + many_sender + many.reader_cpu.p(50)
+    many_floor = max(many_total / cpus, many.seconds.p(50))
+    factor = many_floor / floor
+    sentence = (
+        f"To {results.followers} readers the transport alone took "
+        f"{many.seconds.p(50):.2f} s, {many.seconds.p(50) / one.seconds.p(50):.1f}x its "
+        f"time to one, with {many_sender + many.reader_cpu.p(50):.2f} s of CPU"
+    )
+    if results.many_server_cpu.count:
+        server_share = results.many_server_cpu.p(50) * results.followers / many_sender
+        sentence += (
+            f"; the server used {results.many_server_cpu.p(50):.2f} s per GiB per follower, "
+            f"{server_share:.1f} times the sending threads' CPU."
         )
-        many_floor = max(many_total / cpus, many.seconds.p(50))
-        factor = many_floor / floor
-        text.append(
-            f"To {results.followers} readers the transport alone took "
-            f"{many.seconds.p(50):.2f} s, {many.seconds.p(50) / one.seconds.p(50):.1f}x its "
-            f"time to one, with {many.sender_cpu.p(50) + many.reader_cpu.p(50):.2f} s of CPU"
-            + (
-                f"; the server used {results.many_server_cpu.p(50):.2f} s per GiB per follower, "
-                f"{results.many_server_cpu.p(50) * results.followers / many.sender_cpu.p(50):.1f}"
-                " times the sending threads' CPU. "
-                if results.many_server_cpu.count
-                else ". "
-            )
-            + f"With the job and the log writer, {results.followers} followers need at least "
-            f"{many_floor:.2f} s, {factor:.1f}x the one-follower floor"
-            + (
-                f", above the target of {MANY_FOLLOWERS_FACTOR:g}x even if both runs reached "
-                "their floors."
-                if factor > MANY_FOLLOWERS_FACTOR
-                else f", within the target of {MANY_FOLLOWERS_FACTOR:g}x."
-            )
+    else:
+        sentence += "."
+    text.append(sentence)
+    floor_text = (
+        f"With the job and the log writer, {results.followers} followers need at least "
+        f"{many_floor:.2f} s, {factor:.1f}x the one-follower floor"
+    )
+    if factor > MANY_FOLLOWERS_FACTOR:
+        floor_text += (
+            f", above the target of {MANY_FOLLOWERS_FACTOR:g}x even if both runs reached "
+            "their floors."
         )
+    else:
+        floor_text += f", within the target of {MANY_FOLLOWERS_FACTOR:g}x."
+    text.append(floor_text)
     return " ".join(text)
 
 

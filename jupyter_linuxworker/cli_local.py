@@ -18,11 +18,11 @@ from .sandbox.units import format_size
 
 EXIT_ENGINE_ERROR: Final = 125
 DEMO_SLEEP_SECONDS: Final = 600
-# The record's detail for a job stopped because the reader of its output went away.
-READER_GONE: Final = "the reader of its output went away"
 DEMO_RUNNING_PAUSE: Final = 1.0
 # Closing the terminal (SIGHUP) stops the job as Ctrl-C does, so no job outlives its `run`.
 STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# The record's detail for a job stopped because the reader of its output went away.
+READER_GONE: Final = "the reader of its output went away"
 
 
 def _write_piece(stream: int, data: bytes) -> None:

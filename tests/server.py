@@ -248,8 +248,10 @@ def leave_mid_stream(server: ServerProcess, job_id: str, token: str, times: int)
 
 
 def assert_server_took_it_quietly(server: ServerProcess, baseline_fds: int, log_start: int) -> None:
-    """Assert that the server logged no traceback after ``log_start`` and holds no more open
-    descriptors than ``baseline_fds`` once its connections have closed (within 5 s)."""
+    """Assert that the server logged no traceback after ``log_start``.
+
+    Also assert that, within 5 s, it has no more open descriptors than ``baseline_fds``.
+    """
     assert server.process is not None
     fd_dir = f"/proc/{server.process.pid}/fd"
     deadline = time.monotonic() + 5

@@ -159,7 +159,7 @@ def test_run_timeout_exit_code(cli: list[str]) -> None:
     assert b"FAILED: timed out after 1 s" in result.stderr
 
 
-def test_full_disk_under_stdout_stops_the_job(cli: list[str]) -> None:
+def test_run_full_stdout_stops_job(cli: list[str]) -> None:
     with open("/dev/full", "wb") as full:
         result = subprocess.run(
             [*cli, "run", "--stats", "--", "while :; do head -c 65536 /dev/zero; done"],
@@ -203,7 +203,7 @@ def test_closed_stdout_ends_quietly(cli: list[str], state_dir: str) -> None:
     assert (record.status.value, record.detail) == ("STOPPED", "the reader of its output went away")
 
 
-def test_output_to_streams_without_a_descriptor() -> None:
+def test_output_without_descriptor() -> None:
     # A test's captured output and a notebook's stdout have no descriptor to write to.
     buffer = io.BytesIO()
     write_output(buffer, b"a\0b")

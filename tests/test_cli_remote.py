@@ -108,7 +108,7 @@ def test_delete_and_exit_codes(server: ServerProcess) -> None:
     assert forbidden.returncode == 5
 
 
-def test_logs_to_a_closed_pipe_ends_quietly(server: ServerProcess) -> None:
+def test_logs_closed_pipe_exits_quietly(server: ServerProcess) -> None:
     job_id = submitted_id(cli(server, "submit", "--", "head -c 50000000 /dev/zero"))
     cli(server, "logs", job_id, "-f")
 
@@ -123,7 +123,7 @@ def test_logs_to_a_closed_pipe_ends_quietly(server: ServerProcess) -> None:
         process.stderr.close()
 
 
-def test_logs_to_a_full_disk_says_so(server: ServerProcess) -> None:
+def test_full_stdout_exits_with_message(server: ServerProcess) -> None:
     job_id = submitted_id(cli(server, "submit", "--", "head -c 1000000 /dev/zero"))
     cli(server, "logs", job_id, "-f")
 

@@ -75,7 +75,7 @@ def test_large_output_arrives_whole(server: ServerProcess) -> None:
     assert job.wait(timeout=30).status == "COMPLETED"
 
 
-def test_follower_that_leaves_mid_stream_raises_nothing(server: ServerProcess) -> None:
+def test_leaving_follower_logs_no_error(server: ServerProcess) -> None:
     assert server.process is not None
     pid = server.process.pid
     # An ended job: the server sends its whole log at once, and waits on the reader.
@@ -145,7 +145,7 @@ def test_kernel_runs_job_over_socket(server: ServerProcess) -> None:
         kernels_request(server, "DELETE", f"/{kernel_id}", None)
 
 
-def test_bad_socket_urls_name_the_problem() -> None:
+def test_bad_socket_urls_explained() -> None:
     with pytest.raises(LinuxWorkerError) as relative:
         Client("http+unix://relative.sock/", "alice-token")
     assert str(relative.value) == (

@@ -121,7 +121,8 @@ class Supervisor:
     def request_stop(self, reason: str, grace: float, detail: str | None = None) -> None:
         """Send SIGTERM to the container now and SIGKILL to its cgroup after ``grace`` seconds.
 
-        ``detail`` says why, for the job's record; the first request's reason and detail stay.
+        ``detail`` is the reason given in the job's record. The first request's reason and
+        detail are kept.
         """
         deadline = time.monotonic() + max(0.0, grace)
         if self.stop_reason is None:
